@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: builds the wasm guests from source, fetches the real test model,
+# runs the Rust tests of the host workspace and the guest logic.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+echo "== building the wasm guests from source"
+scripts/build-guests.sh >/dev/null
+echo "== fetching the test model (SmolLM2-135M-Instruct Q4_1)"
+SAMEPAGE_MODEL="$(scripts/fetch-model.sh | tail -n 1)"
+export SAMEPAGE_MODEL
+
+echo "== host workspace tests"
+SAMEPAGE_REQUIRE_BUILT_GUEST=1 cargo test --workspace
+echo "== guest logic tests (native)"
+(cd guests && cargo test -p llm)
+echo "== style"
+cargo fmt --all --check
+(cd guests && cargo fmt --all --check)
