@@ -161,6 +161,7 @@ pub mod status {
 /// token ids and positions are [`DType::U32`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)] // ggml's names: Q4_K, not Q4K
 pub enum DType {
     F32 = 0,
     F16 = 1,
@@ -257,7 +258,7 @@ impl DType {
     /// of blocks or the size overflows.
     pub const fn row_bytes(self, cols: usize) -> Option<usize> {
         let be = self.block_elems();
-        if cols % be != 0 {
+        if !cols.is_multiple_of(be) {
             return None;
         }
         (cols / be).checked_mul(self.block_bytes())
@@ -539,11 +540,31 @@ impl Default for SampleParams {
     }
 }
 
-/// Sample one token from `(vocab,)` f32 logits. The pipeline, in order: repetition
-/// penalty, temperature, top-k, softmax, top-p, min-p, then a draw with the RNG.
-/// The RNG is a 64-bit state at `rng` (u64, little-endian), advanced by the kernel
-/// (splitmix64 to seed, xorshift64* per draw), so runs are reproducible from a seed.
-/// The logits are not modified.
+/// Sample one token from `(vocab,)` f32 logits, which are not modified. The pipeline,
+/// on a copy of the logits (NaN counts as -inf):
+/// 1. Repetition penalty (llama.cpp style), when `repeat_penalty != 1`: the window is
+///    the last `history_len` entries of the history, `history[history_cap - history_len
+///    .. history_cap]` (keep the newest token last); each *distinct* token `t` in it gets
+///    `l[t] = l[t] > 0 ? l[t] / repeat_penalty : l[t] * repeat_penalty`.
+/// 2. `temperature <= 0`: greedy, the argmax (first index on ties); the RNG is not
+///    advanced. Otherwise every logit is divided by `temperature`.
+/// 3. Top-k (`top_k > 0` and `< vocab`): keep the `top_k` largest (ties: lower id first).
+/// 4. Softmax over the kept tokens.
+/// 5. Top-p (`top_p < 1`): in descending probability (ties: lower id first), keep the
+///    smallest prefix whose cumulative probability is `>= top_p`, at least one token.
+/// 6. Min-p (`min_p > 0`): drop tokens whose probability is `< min_p * max_prob`.
+/// 7. Renormalise; draw `u` in `[0, 1)`; walking the kept tokens in ascending id,
+///    pick the first whose cumulative probability exceeds `u * total` (else the last).
+///
+/// The RNG is the u64 (little-endian) at `rng`: a splitmix64 state. A draw does
+/// `state += 0x9E3779B97F4A7C15; z = mix(state)` (splitmix64's output mix:
+/// `z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9; z = (z ^ z >> 27) * 0x94D049BB133111EB;
+/// z ^= z >> 31`), `u = (z >> 40) as f32 / 2^24`, and writes `state` back. To seed,
+/// the guest writes the seed itself (any value, 0 included); runs are reproducible.
+///
+/// Run-time errors (status RUNTIME, nothing written): a non-finite `temperature`,
+/// `top_p` or `min_p` outside `[0, 1]`, `repeat_penalty` not positive and finite,
+/// `history_len > history_cap`, a token id in the window `>= vocab`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Sample {

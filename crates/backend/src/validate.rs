@@ -84,7 +84,7 @@ impl Checker {
                 ),
             ));
         }
-        if start % align != 0 {
+        if !start.is_multiple_of(align) {
             return Err(self.err(
                 status::MISALIGNED,
                 format!("{what} at offset {offset} is not {align}-byte aligned"),
