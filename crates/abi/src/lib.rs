@@ -663,7 +663,17 @@ mod tests {
 
     #[test]
     fn pod_roundtrip() {
-        let m = Matmul { w: 64, dtype: 3, m: 2, k: 32, x: 8, n: 1, out: 256, bias: 0, flags: 0 };
+        let m = Matmul {
+            w: 64,
+            dtype: 3,
+            m: 2,
+            k: 32,
+            x: 8,
+            n: 1,
+            out: 256,
+            bias: 0,
+            flags: 0,
+        };
         assert_eq!(read_pod::<Matmul>(pod_bytes(&m)), Some(m));
         assert_eq!(read_pod::<Matmul>(&pod_bytes(&m)[1..]), None);
     }

@@ -35,7 +35,10 @@ pub struct OpError {
 
 impl OpError {
     pub fn new(status: i32, message: impl Into<String>) -> Self {
-        OpError { status, message: message.into() }
+        OpError {
+            status,
+            message: message.into(),
+        }
     }
     pub fn runtime(message: impl Into<String>) -> Self {
         OpError::new(status::RUNTIME, message)
@@ -91,13 +94,7 @@ pub unsafe trait Region: Send + Sync {
     /// Put `len` bytes of `file` at `file_offset` into `[dst, dst + len)` without a second
     /// resident copy where possible. The range was bounds-checked by the caller.
     /// The default reads the bytes in once.
-    fn map_file(
-        &self,
-        file: &File,
-        file_offset: u64,
-        dst: usize,
-        len: usize,
-    ) -> Result<(), BackendError> {
+    fn map_file(&self, file: &File, file_offset: u64, dst: usize, len: usize) -> Result<(), BackendError> {
         read_file_into(self, file, file_offset, dst, len)
     }
     /// Placement advice for `[offset, offset + len)`, one of [`samepage_abi::hint`].
@@ -125,7 +122,10 @@ pub fn read_file_into<R: Region + ?Sized>(
         capacity: region.capacity(),
     })?;
     if end > region.size() {
-        return Err(BackendError::Capacity { requested: end, capacity: region.size() });
+        return Err(BackendError::Capacity {
+            requested: end,
+            capacity: region.size(),
+        });
     }
     // SAFETY: the range is inside the accessible region (checked above).
     let buf = unsafe { std::slice::from_raw_parts_mut(region.base().add(dst), len) };

@@ -73,7 +73,10 @@ impl Checker {
     fn range(&self, what: &str, offset: u32, bytes: usize, align: usize) -> Result<Range, OpError> {
         let start = offset as usize;
         let end = start.checked_add(bytes).ok_or_else(|| {
-            self.err(status::OVERFLOW, format!("{what}: offset {offset} + {bytes} bytes overflows"))
+            self.err(
+                status::OVERFLOW,
+                format!("{what}: offset {offset} + {bytes} bytes overflows"),
+            )
         })?;
         if end > self.mem_len {
             return Err(self.err(
@@ -181,12 +184,16 @@ impl Op {
     /// Decode a descriptor (already copied out of guest memory) and validate it against
     /// a memory of `mem_len` bytes.
     pub fn decode(code: u32, desc: &[u8], mem_len: usize) -> Result<Op, OpError> {
-        let want = abi::descriptor_len(code)
-            .ok_or_else(|| OpError::new(status::BAD_OP, format!("unknown op code {code}")))?;
+        let want =
+            abi::descriptor_len(code).ok_or_else(|| OpError::new(status::BAD_OP, format!("unknown op code {code}")))?;
         if desc.len() != want {
             return Err(OpError::new(
                 status::BAD_DESCRIPTOR,
-                format!("{}: descriptor is {} bytes, expected {want}", op::name(code), desc.len()),
+                format!(
+                    "{}: descriptor is {} bytes, expected {want}",
+                    op::name(code),
+                    desc.len()
+                ),
             ));
         }
         let op = match code {
@@ -210,7 +217,10 @@ impl Op {
 
     /// Validate against a memory of `mem_len` bytes.
     pub fn validate(&self, mem_len: usize) -> Result<(), OpError> {
-        let c = Checker { op: self.name(), mem_len };
+        let c = Checker {
+            op: self.name(),
+            mem_len,
+        };
         match *self {
             Op::Embed(e) => {
                 let dt = c.dtype("table", e.dtype, &DType::WEIGHTS)?;
@@ -246,11 +256,19 @@ impl Op {
             }
             Op::Rope(r) => {
                 c.f32s("x", r.x, &[r.n, r.n_heads, r.head_dim])?;
-                c.range("positions", r.positions, c.bytes("positions", c.prod("positions", &[r.n])?, 4)?, 4)?;
+                c.range(
+                    "positions",
+                    r.positions,
+                    c.bytes("positions", c.prod("positions", &[r.n])?, 4)?,
+                    4,
+                )?;
                 if r.n_rot == 0 || r.n_rot % 2 != 0 || r.n_rot > r.head_dim {
                     return Err(c.err(
                         status::BAD_SHAPE,
-                        format!("n_rot {} must be even, non-zero and at most head_dim {}", r.n_rot, r.head_dim),
+                        format!(
+                            "n_rot {} must be even, non-zero and at most head_dim {}",
+                            r.n_rot, r.head_dim
+                        ),
                     ));
                 }
                 if r.mode != abi::ROPE_INTERLEAVED && r.mode != abi::ROPE_HALF {
@@ -280,7 +298,10 @@ impl Op {
                 let (kc, vc) = caches(&c, s.k_cache, s.v_cache, cdt, s.n_kv_heads, s.ctx, s.head_dim)?;
                 let pos = c.range("pos", s.pos, 4, 4)?;
                 if s.n > s.ctx {
-                    return Err(c.err(status::BAD_SHAPE, format!("{} tokens exceed the cache of {}", s.n, s.ctx)));
+                    return Err(c.err(
+                        status::BAD_SHAPE,
+                        format!("{} tokens exceed the cache of {}", s.n, s.ctx),
+                    ));
                 }
                 let ins = [("k", k), ("v", v), ("pos", pos)];
                 c.disjoint("k_cache", kc, &ins, false)?;
@@ -301,9 +322,17 @@ impl Op {
                 let out = c.f32s("out", a.out, &[a.n, a.n_heads, a.head_dim])?;
                 c.finite("scale", a.scale)?;
                 if a.n > a.ctx {
-                    return Err(c.err(status::BAD_SHAPE, format!("{} tokens exceed the cache of {}", a.n, a.ctx)));
+                    return Err(c.err(
+                        status::BAD_SHAPE,
+                        format!("{} tokens exceed the cache of {}", a.n, a.ctx),
+                    ));
                 }
-                c.disjoint("out", out, &[("q", q), ("k_cache", kc), ("v_cache", vc), ("pos", pos)], false)
+                c.disjoint(
+                    "out",
+                    out,
+                    &[("q", q), ("k_cache", kc), ("v_cache", vc), ("pos", pos)],
+                    false,
+                )
             }
             Op::SwiGlu(s) => {
                 let g = c.f32s("gate", s.gate, &[s.len])?;
@@ -372,7 +401,17 @@ mod tests {
     const MEM: usize = 1 << 20;
 
     fn matmul() -> abi::Matmul {
-        abi::Matmul { w: 0, dtype: DType::F32 as u32, m: 4, k: 8, x: 4096, n: 2, out: 8192, bias: 0, flags: 0 }
+        abi::Matmul {
+            w: 0,
+            dtype: DType::F32 as u32,
+            m: 4,
+            k: 8,
+            x: 4096,
+            n: 2,
+            out: 8192,
+            bias: 0,
+            flags: 0,
+        }
     }
 
     fn status_of(code: u32, bytes: &[u8]) -> i32 {
@@ -386,26 +425,46 @@ mod tests {
 
     #[test]
     fn rejects_each_class_of_bad_input() {
-        let m = abi::Matmul { out: MEM as u32 - 4, ..matmul() };
+        let m = abi::Matmul {
+            out: MEM as u32 - 4,
+            ..matmul()
+        };
         assert_eq!(status_of(op::MATMUL, pod_bytes(&m)), status::OUT_OF_BOUNDS);
-        let m = abi::Matmul { x: u32::MAX - 3, ..matmul() };
+        let m = abi::Matmul {
+            x: u32::MAX - 3,
+            ..matmul()
+        };
         assert_eq!(status_of(op::MATMUL, pod_bytes(&m)), status::OUT_OF_BOUNDS);
-        let m = abi::Matmul { m: u32::MAX, k: u32::MAX, ..matmul() };
+        let m = abi::Matmul {
+            m: u32::MAX,
+            k: u32::MAX,
+            ..matmul()
+        };
         let s = Op::decode(op::MATMUL, pod_bytes(&m), usize::MAX).unwrap_err().status;
         assert!(s == status::OVERFLOW || s == status::OUT_OF_BOUNDS, "{s}");
         let m = abi::Matmul { n: 0, ..matmul() };
         assert_eq!(status_of(op::MATMUL, pod_bytes(&m)), status::BAD_SHAPE);
         let m = abi::Matmul { dtype: 99, ..matmul() };
         assert_eq!(status_of(op::MATMUL, pod_bytes(&m)), status::BAD_DTYPE);
-        let m = abi::Matmul { dtype: DType::U32 as u32, ..matmul() };
+        let m = abi::Matmul {
+            dtype: DType::U32 as u32,
+            ..matmul()
+        };
         assert_eq!(status_of(op::MATMUL, pod_bytes(&m)), status::BAD_DTYPE);
-        let m = abi::Matmul { dtype: DType::Q4_0 as u32, k: 40, ..matmul() };
+        let m = abi::Matmul {
+            dtype: DType::Q4_0 as u32,
+            k: 40,
+            ..matmul()
+        };
         assert_eq!(status_of(op::MATMUL, pod_bytes(&m)), status::BAD_SHAPE);
         let m = abi::Matmul { x: 4098, ..matmul() };
         assert_eq!(status_of(op::MATMUL, pod_bytes(&m)), status::MISALIGNED);
         let m = abi::Matmul { out: 4096, ..matmul() };
         assert_eq!(status_of(op::MATMUL, pod_bytes(&m)), status::BAD_ARGUMENT);
-        assert_eq!(status_of(op::MATMUL, &pod_bytes(&matmul())[..8]), status::BAD_DESCRIPTOR);
+        assert_eq!(
+            status_of(op::MATMUL, &pod_bytes(&matmul())[..8]),
+            status::BAD_DESCRIPTOR
+        );
         assert_eq!(status_of(77, &[]), status::BAD_OP);
     }
 
@@ -432,9 +491,19 @@ mod tests {
 
     #[test]
     fn in_place_only_when_exact() {
-        let a = abi::Add { a: 0, b: 64, out: 0, len: 16 };
+        let a = abi::Add {
+            a: 0,
+            b: 64,
+            out: 0,
+            len: 16,
+        };
         assert_eq!(status_of(op::ADD, pod_bytes(&a)), 0);
-        let a = abi::Add { a: 0, b: 64, out: 4, len: 16 };
+        let a = abi::Add {
+            a: 0,
+            b: 64,
+            out: 4,
+            len: 16,
+        };
         assert_eq!(status_of(op::ADD, pod_bytes(&a)), status::BAD_ARGUMENT);
     }
 }

@@ -20,8 +20,16 @@ use std::fmt;
 pub use samepage_abi as abi;
 use samepage_abi::{op, status, Pod};
 
+/// The raw `samepage` imports, exactly as the host defines them
+/// ([`samepage_abi::imports`]). Prefer the safe wrappers; these exist for tests that must
+/// pass arbitrary offsets and for measuring the bare call cost.
+///
+/// # Safety
+/// The host bounds-checks every offset, so no call can corrupt the host; but a call that
+/// writes guest memory (`last_error`, `backend_name`, `file_read`, `file_map`, ops) may
+/// overwrite any guest data the offsets name.
 #[cfg(target_arch = "wasm32")]
-mod raw {
+pub mod raw {
     #[link(wasm_import_module = "samepage")]
     extern "C" {
         pub fn op(code: u32, desc: u32, len: u32) -> i32;
@@ -42,9 +50,10 @@ mod raw {
     }
 }
 
+/// Stubs of the raw imports off wasm32 (they return [`status::UNSUPPORTED`]).
 #[cfg(not(target_arch = "wasm32"))]
 #[allow(clippy::missing_safety_doc)]
-mod raw {
+pub mod raw {
     use samepage_abi::status::UNSUPPORTED;
     pub unsafe fn op(_: u32, _: u32, _: u32) -> i32 {
         UNSUPPORTED
@@ -128,8 +137,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// The host's last error message.
 pub fn last_error() -> String {
     let mut buf = vec![0u8; 512];
-    // SAFETY: buf is a live allocation of buf.len() bytes in guest memory.
-    let n = unsafe { raw::last_error(off(buf.as_ptr()), buf.len() as u32) };
+    // SAFETY: buf is a live allocation of buf.len() bytes in guest memory, borrowed
+    // mutably: the host writes into it.
+    let n = unsafe { raw::last_error(off(buf.as_mut_ptr()), buf.len() as u32) };
     let n = (n.max(0) as usize).min(buf.len());
     buf.truncate(n);
     String::from_utf8_lossy(&buf).into_owned()
@@ -140,7 +150,10 @@ pub fn check(code: i32) -> Result<i32> {
     if code >= 0 {
         Ok(code)
     } else {
-        Err(Error { status: code, message: last_error() })
+        Err(Error {
+            status: code,
+            message: last_error(),
+        })
     }
 }
 
@@ -276,6 +289,15 @@ impl Buffer {
         Buffer { ptr, layout }
     }
 
+    /// Like [`Buffer::new`], but `None` when the allocation fails (e.g. the guest's 4 GiB
+    /// address space is exhausted) or the layout is invalid, instead of trapping.
+    pub fn try_new(bytes: usize, align: usize) -> Option<Buffer> {
+        let layout = Layout::from_size_align(bytes.max(1), align).ok()?;
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(Buffer { ptr, layout })
+    }
+
     /// `n` zeroed f32s, 64-byte aligned.
     pub fn f32s(n: usize) -> Buffer {
         Buffer::new(n * 4, 64)
@@ -367,7 +389,10 @@ impl File {
         // SAFETY: no pointers.
         let s = unsafe { raw::file_size(self.handle) };
         if s < 0 {
-            return Err(Error { status: s as i32, message: last_error() });
+            return Err(Error {
+                status: s as i32,
+                message: last_error(),
+            });
         }
         Ok(s as u64)
     }
@@ -375,7 +400,7 @@ impl File {
     /// Read `dst.len()` bytes at `file_offset` straight into `dst`.
     pub fn read_at(&self, file_offset: u64, dst: &mut [u8]) -> Result<()> {
         // SAFETY: dst is a live, exclusively borrowed range of guest memory.
-        check(unsafe { raw::file_read(self.handle, file_offset, off(dst.as_ptr()), dst.len() as u32) }).map(|_| ())
+        check(unsafe { raw::file_read(self.handle, file_offset, off(dst.as_mut_ptr()), dst.len() as u32) }).map(|_| ())
     }
 
     /// Place file bytes into `dst` without a second resident copy where the backend can
@@ -383,7 +408,7 @@ impl File {
     /// modulo 4096 for the zero-copy path.
     pub fn map_at(&self, file_offset: u64, dst: &mut [u8]) -> Result<()> {
         // SAFETY: dst is a live, exclusively borrowed range of guest memory.
-        check(unsafe { raw::file_map(self.handle, file_offset, off(dst.as_ptr()), dst.len() as u32) }).map(|_| ())
+        check(unsafe { raw::file_map(self.handle, file_offset, off(dst.as_mut_ptr()), dst.len() as u32) }).map(|_| ())
     }
 }
 
@@ -416,7 +441,7 @@ pub fn clock_ns() -> u64 {
 /// The name of the backend the host runs ("cpu", "cuda", ...).
 pub fn backend_name() -> String {
     let mut buf = [0u8; 64];
-    // SAFETY: buf is live guest memory.
-    let n = unsafe { raw::backend_name(off(buf.as_ptr()), buf.len() as u32) };
+    // SAFETY: buf is live guest memory, borrowed mutably: the host writes into it.
+    let n = unsafe { raw::backend_name(off(buf.as_mut_ptr()), buf.len() as u32) };
     String::from_utf8_lossy(&buf[..(n.max(0) as usize).min(buf.len())]).into_owned()
 }
