@@ -1,0 +1,220 @@
+// Matmul: out (n, m) (+)= x (n, k) . W (m, k)^T (+ bias).
+// n == 1 (decode) is memory-bound: a warp per row, 16-byte loads, several in flight.
+// n > 1 (prefill) uses a shared-memory tiled kernel.
+
+__device__ __forceinline__ void store_out(const Ctx& c, const Matmul& mm, u32 token, u32 row, float v) {
+    if (mm.flags & MATMUL_BIAS) v += at<float>(c, mm.bias)[row];
+    float* o = at<float>(c, mm.out) + (u64)token * mm.m + row;
+    if (mm.flags & MATMUL_ACCUMULATE) v += *o;
+    *o = v;
+}
+
+// 8 activations from x (aligned: two float4 loads).
+__device__ __forceinline__ void load_x8(const float* x, float* xs, bool xa) {
+    if (xa) {
+        float4 a = __ldg((const float4*)x), b = __ldg((const float4*)x + 1);
+        xs[0] = a.x; xs[1] = a.y; xs[2] = a.z; xs[3] = a.w;
+        xs[4] = b.x; xs[5] = b.y; xs[6] = b.z; xs[7] = b.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++) xs[i] = __ldg(x + i);
+    }
+}
+
+// Dense f32/f16/bf16 matvec. `vec`: W rows and x are 16-byte aligned (checked on the
+// host), so each lane streams 16-byte chunks, UNROLL of them in flight.
+template <u32 DT>
+__device__ void gemv_dense(const Ctx& c, const Matmul& mm, bool vec) {
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 row = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= mm.m) return;
+    const u8* w = c.base + mm.w + (u64)row * row_bytes(DT, mm.k);
+    const float* x = at<float>(c, mm.x);
+    float acc = 0.0f;
+    if (vec) {
+        constexpr u32 EPC = DT == DT_F32 ? 4 : 8; // elements per 16-byte chunk
+        constexpr int UNROLL = 8;
+        const u32 chunks = mm.k / EPC;
+        const uint4* w4 = (const uint4*)w;
+        u32 ch = lane;
+        for (; ch + 32 * (UNROLL - 1) < chunks; ch += 32 * UNROLL) {
+            uint4 r[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) r[u] = __ldg(w4 + ch + 32 * u);
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const u32* p = (const u32*)&r[u];
+                const float* xp = x + (u64)(ch + 32 * u) * EPC;
+                if (DT == DT_F32) {
+                    float4 xv = __ldg((const float4*)xp);
+                    acc += __uint_as_float(p[0]) * xv.x + __uint_as_float(p[1]) * xv.y
+                         + __uint_as_float(p[2]) * xv.z + __uint_as_float(p[3]) * xv.w;
+                } else {
+                    float xs[8];
+                    load_x8(xp, xs, true);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        u16 lo = p[e] & 0xFFFF, hi = p[e] >> 16;
+                        float w0 = DT == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+                        float w1 = DT == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+                        acc += w0 * xs[2 * e] + w1 * xs[2 * e + 1];
+                    }
+                }
+            }
+        }
+        for (; ch < chunks; ch += 32) {
+            uint4 r = __ldg(w4 + ch);
+            const u32* p = (const u32*)&r;
+            const float* xp = x + (u64)ch * EPC;
+            if (DT == DT_F32) {
+                float4 xv = __ldg((const float4*)xp);
+                acc += __uint_as_float(p[0]) * xv.x + __uint_as_float(p[1]) * xv.y
+                     + __uint_as_float(p[2]) * xv.z + __uint_as_float(p[3]) * xv.w;
+            } else {
+                float xs[8];
+                load_x8(xp, xs, true);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    u16 lo = p[e] & 0xFFFF, hi = p[e] >> 16;
+                    float w0 = DT == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+                    float w1 = DT == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+                    acc += w0 * xs[2 * e] + w1 * xs[2 * e + 1];
+                }
+            }
+        }
+    } else {
+        for (u32 i = lane; i < mm.k; i += 32) acc += dq_elem(DT, w, i) * x[i];
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) store_out(c, mm, 0, row, acc);
+}
+
+// Quantized matvec: a warp per row. The row's bytes are staged through shared memory
+// in chunks of CB blocks (a multiple of 16 bytes), the next chunk's loads in flight
+// while the current one is decoded; each lane then takes 32-element units.
+template <u32 DT> struct QChunk { static constexpr u32 CB = blk_elems(DT) == 32 ? 32 : 8; };
+#define QCHUNK_MAX 1680  // Q6_K: 8 * 210 bytes; the largest chunk
+#define QREG ((QCHUNK_MAX / 16 + 31) / 32)
+
+template <u32 DT>
+__device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa) {
+    __shared__ __align__(16) u8 stage[8][QCHUNK_MAX + 16];
+    constexpr u32 CB = QChunk<DT>::CB, BB = blk_bytes(DT), BE = blk_elems(DT), UPB = BE / 32;
+    constexpr u32 CHUNK = CB * BB;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 row = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= mm.m) return;
+    const u32 nb = mm.k / BE;
+    const u64 rb = (u64)nb * BB;
+    const u8* w = c.base + mm.w + (u64)row * rb;
+    const float* x = at<float>(c, mm.x);
+    u8* s = stage[warp];
+    const u32 nchunks = (nb + CB - 1) / CB;
+    float acc = 0.0f;
+    uint4 r[QREG];
+    auto fetch = [&](u32 ci) {
+        u32 bytes = (u32)min((u64)CHUNK, rb - (u64)ci * CHUNK);
+        const uint4* src = (const uint4*)(w + (u64)ci * CHUNK);
+#pragma unroll
+        for (int i = 0; i < QREG; i++) {
+            u32 idx = lane + 32 * i;
+            if (idx * 16 < bytes) r[i] = __ldg(src + idx);
+        }
+    };
+    if (vec) fetch(0);
+    for (u32 ci = 0; ci < nchunks; ci++) {
+        u32 bytes = (u32)min((u64)CHUNK, rb - (u64)ci * CHUNK);
+        __syncwarp();
+        if (vec) {
+#pragma unroll
+            for (int i = 0; i < QREG; i++) {
+                u32 idx = lane + 32 * i;
+                if (idx * 16 < bytes) ((uint4*)s)[idx] = r[i];
+            }
+            if (ci + 1 < nchunks) fetch(ci + 1);
+        } else {
+            const u16* src = (const u16*)(w + (u64)ci * CHUNK);
+            for (u32 idx = lane; idx < bytes / 2; idx += 32) ((u16*)s)[idx] = src[idx];
+        }
+        __syncwarp();
+        // Eight lanes per 32-element unit, four units at a time: x is read coalesced.
+        const u32 units = bytes / BB * UPB;
+        const u32 sl = lane & 7;
+        for (u32 u = lane >> 3; u < units; u += 4) {
+            u32 blk = u / UPB, sub = u % UPB;
+            const float* xp = x + ((u64)ci * CB * BE + (u64)u * 32 + sl * 4);
+            float4 xv;
+            if (xa) xv = __ldg((const float4*)xp);
+            else xv = make_float4(__ldg(xp), __ldg(xp + 1), __ldg(xp + 2), __ldg(xp + 3));
+            acc += dot4<DT>(s + blk * BB, sub, sl, xv);
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) store_out(c, mm, 0, row, acc);
+}
+
+// Tiled matmul for n > 1: 64 rows x 64 tokens per block, K in steps of 32, each of
+// the 256 threads computes 4 x 4 outputs. Weights are dequantized into shared memory.
+#define TM 64
+#define TN 64
+#define TK 32
+template <u32 DT>
+__device__ void gemm_tiled(const Ctx& c, const Matmul& mm) {
+    __shared__ float ws[TK][TM + 4];
+    __shared__ float xs[TK][TN + 4];
+    const u32 t = threadIdx.x;
+    const u32 m0 = blockIdx.x * TM, n0 = blockIdx.y * TN;
+    const u64 rb = row_bytes(DT, mm.k);
+    const float* x = at<float>(c, mm.x);
+    const u32 lr = t / 4, lk = (t % 4) * 8; // loader: row/token lr, k offset lk..lk+8
+    const u32 tx = t % 16, ty = t / 16;     // compute: rows tx*4.., tokens ty*4..
+    float acc[4][4] = {};
+    for (u32 k0 = 0; k0 < mm.k; k0 += TK) {
+        const u32 wr = m0 + lr, xr = n0 + lr;
+        const u8* wrow = c.base + mm.w + (u64)wr * rb;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            u32 kk = k0 + lk + e;
+            ws[lk + e][lr] = (wr < mm.m && kk < mm.k) ? dq_elem(DT, wrow, kk) : 0.0f;
+            xs[lk + e][lr] = (xr < mm.n && kk < mm.k) ? x[(u64)xr * mm.k + kk] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < TK; kk++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) { a[i] = xs[kk][ty * 4 + i]; b[i] = ws[kk][tx * 4 + i]; }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            u32 tok = n0 + ty * 4 + i, row = m0 + tx * 4 + j;
+            if (tok < mm.n && row < mm.m) store_out(c, mm, tok, row, acc[i][j]);
+        }
+}
+
+// aux bit 0: weights and x 16-byte aligned (vector path); bit 1: x 16-byte aligned.
+#define MATMUL_KERNELS(NAME, DT, GEMV)                                                   \
+    extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { \
+        GEMV;                                                                            \
+    }                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) matmul_##NAME(const Ctx c, const Matmul mm) { \
+        gemm_tiled<DT>(c, mm);                                                           \
+    }
+MATMUL_KERNELS(f32, DT_F32, gemv_dense<DT_F32>(c, mm, c.aux & 1))
+MATMUL_KERNELS(f16, DT_F16, gemv_dense<DT_F16>(c, mm, c.aux & 1))
+MATMUL_KERNELS(bf16, DT_BF16, gemv_dense<DT_BF16>(c, mm, c.aux & 1))
+MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2))
+MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2))
+MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2))
+MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2))
+MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2))
+MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2))
+MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2))

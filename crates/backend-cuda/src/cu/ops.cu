@@ -1,0 +1,135 @@
+// Row and elementwise ops: embed, rmsnorm, rope, kv_store, swiglu, add, scale,
+// softmax, argmax. Each checks the per-token values it reads (ids, pos) itself.
+
+extern "C" __global__ void embed(const Ctx c, const Embed e) {
+    const u32* ids = at<u32>(c, e.ids);
+    // Any bad id fails the whole op before anything is written (as on the CPU).
+    int bad = 0;
+    for (u32 i = threadIdx.x; i < e.n; i += blockDim.x) {
+        u32 id = ids[i];
+        if (id >= e.vocab) { bad = 1; report(c, ERR_EMBED_ID, id, i); }
+    }
+    if (__syncthreads_or(bad)) return;
+    u32 i = blockIdx.x;
+    u32 id = ids[i];
+    const u8* row = c.base + e.table + (u64)id * row_bytes(e.dtype, e.dim);
+    float* out = at<float>(c, e.out) + (u64)i * e.dim;
+    for (u32 d = threadIdx.x; d < e.dim; d += blockDim.x) out[d] = dq_elem(e.dtype, row, d);
+}
+
+extern "C" __global__ void rmsnorm(const Ctx c, const RmsNorm r) {
+    const float* x = at<float>(c, r.x) + (u64)blockIdx.x * r.dim;
+    const float* w = at<float>(c, r.weight);
+    float* out = at<float>(c, r.out) + (u64)blockIdx.x * r.dim;
+    float ss = 0.0f;
+    for (u32 d = threadIdx.x; d < r.dim; d += blockDim.x) ss += x[d] * x[d];
+    ss = block_sum(ss); // ends with a barrier: every read of x is done before any write
+    float inv = 1.0f / sqrtf(ss / (float)r.dim + r.eps);
+    for (u32 d = threadIdx.x; d < r.dim; d += blockDim.x) out[d] = x[d] * inv * w[d];
+}
+
+// Frequencies in f64, as Hugging Face's `_compute_llama3_parameters` does.
+__device__ double rope_freq(const Rope& r, u32 j) {
+    double freq = pow((double)r.freq_base, -2.0 * (double)j / (double)r.n_rot);
+    if (r.scaling_factor > 0.0f) {
+        double factor = r.scaling_factor, low = r.low_freq_factor, high = r.high_freq_factor;
+        double oc = r.original_context;
+        double lw = oc / low, hw = oc / high;
+        double wavelen = 2.0 * 3.14159265358979323846 / freq;
+        if (wavelen < hw) {
+        } else if (wavelen > lw) {
+            freq = freq / factor;
+        } else {
+            double smooth = (oc / wavelen - low) / (high - low);
+            freq = (1.0 - smooth) * freq / factor + smooth * freq;
+        }
+    }
+    return freq;
+}
+
+// grid: n * n_heads blocks; threads over rotated pairs.
+extern "C" __global__ void rope(const Ctx c, const Rope r) {
+    u32 i = blockIdx.x / r.n_heads, h = blockIdx.x % r.n_heads;
+    u32 p = at<u32>(c, r.positions)[i];
+    float* v = at<float>(c, r.x) + ((u64)i * r.n_heads + h) * r.head_dim;
+    u32 half = r.n_rot / 2;
+    for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
+        double s, co;
+        sincos((double)p * rope_freq(r, j), &s, &co);
+        float fs = (float)s, fc = (float)co;
+        u32 a = r.mode == 0 ? 2 * j : j, b = r.mode == 0 ? 2 * j + 1 : j + half;
+        float x0 = v[a], x1 = v[b];
+        v[a] = x0 * fc - x1 * fs;
+        v[b] = x0 * fs + x1 * fc;
+    }
+}
+
+// grid: n * n_kv_heads blocks.
+extern "C" __global__ void kv_store(const Ctx c, const KvStore s) {
+    u32 pos = *at<u32>(c, s.pos);
+    if ((u64)pos + s.n > s.ctx) {
+        if (threadIdx.x == 0) report(c, ERR_KV_POS, pos, s.n);
+        return;
+    }
+    u32 i = blockIdx.x / s.n_kv_heads, h = blockIdx.x % s.n_kv_heads;
+    u64 src = ((u64)i * s.n_kv_heads + h) * s.head_dim;
+    u64 dst = ((u64)h * s.ctx + pos + i) * s.head_dim;
+    const float* k = at<float>(c, s.k) + src;
+    const float* v = at<float>(c, s.v) + src;
+    for (u32 d = threadIdx.x; d < s.head_dim; d += blockDim.x) {
+        if (s.cache_dtype == DT_F16) {
+            at<u16>(c, s.k_cache)[dst + d] = f32_to_f16(k[d]);
+            at<u16>(c, s.v_cache)[dst + d] = f32_to_f16(v[d]);
+        } else {
+            at<float>(c, s.k_cache)[dst + d] = k[d];
+            at<float>(c, s.v_cache)[dst + d] = v[d];
+        }
+    }
+}
+
+extern "C" __global__ void swiglu(const Ctx c, const SwiGlu s) {
+    const float* g = at<float>(c, s.gate);
+    const float* u = at<float>(c, s.up);
+    float* o = at<float>(c, s.out);
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < s.len; i += gridDim.x * blockDim.x) {
+        float gv = g[i];
+        o[i] = gv / (1.0f + expf(-gv)) * u[i];
+    }
+}
+
+extern "C" __global__ void add(const Ctx c, const Add s) {
+    const float* a = at<float>(c, s.a);
+    const float* b = at<float>(c, s.b);
+    float* o = at<float>(c, s.out);
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < s.len; i += gridDim.x * blockDim.x) o[i] = a[i] + b[i];
+}
+
+extern "C" __global__ void scale(const Ctx c, const Scale s) {
+    const float* x = at<float>(c, s.x);
+    float* o = at<float>(c, s.out);
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < s.len; i += gridDim.x * blockDim.x) o[i] = x[i] * s.scale;
+}
+
+// grid: rows blocks.
+extern "C" __global__ void softmax(const Ctx c, const Softmax s) {
+    const float* x = at<float>(c, s.x) + (u64)blockIdx.x * s.cols;
+    float* o = at<float>(c, s.out) + (u64)blockIdx.x * s.cols;
+    float m = -INFINITY;
+    for (u32 i = threadIdx.x; i < s.cols; i += blockDim.x) m = fmaxf(m, x[i]);
+    m = block_max(m);
+    float sum = 0.0f;
+    for (u32 i = threadIdx.x; i < s.cols; i += blockDim.x) sum += expf(x[i] - m);
+    sum = block_sum(sum);
+    float inv = 1.0f / sum;
+    for (u32 i = threadIdx.x; i < s.cols; i += blockDim.x) o[i] = expf(x[i] - m) * inv;
+}
+
+// grid: rows blocks. First index on ties; NaN never wins.
+extern "C" __global__ void argmax(const Ctx c, const Argmax s) {
+    const float* x = at<float>(c, s.x) + (u64)blockIdx.x * s.cols;
+    float bv = -INFINITY;
+    u32 bi = 0xffffffffu;
+    for (u32 i = threadIdx.x; i < s.cols; i += blockDim.x) argmax_merge(bv, bi, x[i], i);
+    u32 r = block_argmax(bv, bi);
+    if (threadIdx.x == 0) at<u32>(c, s.out)[blockIdx.x] = r == 0xffffffffu ? 0u : r;
+}

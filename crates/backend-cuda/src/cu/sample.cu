@@ -1,0 +1,261 @@
+// Token sampling on the GPU, so that only the token id crosses to the guest. One block
+// of 1024 threads; thread t owns the contiguous vocabulary range [t*C, (t+1)*C), so
+// prefix sums run in token-id order, as the reference's final draw does.
+// Pipeline (samepage_abi::Sample): repetition penalty, temperature, top-k, softmax,
+// top-p, min-p, draw (splitmix64). Top-k and top-p find their cut with a radix select
+// over the value bits instead of a sort. Scratch: l (vocab,) f32, p (vocab,) f32
+// where p < 0 marks a dropped token.
+#define ST 1024
+
+__device__ __forceinline__ u32 order_key(float v) {
+    u32 u = __float_as_uint(v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum of one u32 per thread (ST threads); returns the total too.
+__device__ u32 scan_u32(u32 v, u32& total) {
+    __shared__ u32 s[ST];
+    __syncthreads();
+    s[threadIdx.x] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 acc = 0;
+        for (int i = 0; i < ST; i++) { u32 t = s[i]; s[i] = acc; acc += t; }
+        total = acc;
+    }
+    __syncthreads();
+    return s[threadIdx.x];
+}
+
+// Radix select: the key of the `k`-th largest (1-based) among keys passing `want`;
+// returns it and sets `ties` = how many elements equal to it are needed.
+template <typename KeyF>
+__device__ u32 radix_select_count(u32 V, u32 lo, u32 hi, u32 k, KeyF key, u32& ties) {
+    __shared__ u32 hist[256];
+    __shared__ u32 sh_prefix, sh_rem;
+    u32 prefix = 0, mask = 0, rem = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += ST) hist[b] = 0;
+        __syncthreads();
+        for (u32 t = lo; t < hi; t++) {
+            u32 kk;
+            if (key(t, kk) && (kk & mask) == prefix) atomicAdd(&hist[(kk >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int b = 255;
+            for (; b > 0; b--) {
+                if (hist[b] >= rem) break;
+                rem -= hist[b];
+            }
+            sh_prefix = prefix | ((u32)b << shift);
+            sh_rem = rem;
+        }
+        __syncthreads();
+        prefix = sh_prefix;
+        rem = sh_rem;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    ties = rem;
+    return prefix;
+}
+
+extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sample s) {
+    __shared__ SampleParams p;
+    __shared__ u32 bad;
+    const u32 V = s.vocab, tid = threadIdx.x;
+    const u32 C = (V + ST - 1) / ST, lo = min(V, tid * C), hi = min(V, lo + C);
+    if (tid == 0) {
+        p = *at<SampleParams>(c, s.params);
+        u32 b = 0;
+        if (!isfinite(p.temperature)) b = 1;
+        else if (!(p.top_p >= 0.0f && p.top_p <= 1.0f)) b = 2;
+        else if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) b = 3;
+        else if (!(isfinite(p.repeat_penalty) && p.repeat_penalty > 0.0f)) b = 4;
+        else if (p.history_len > s.history_cap) b = 5;
+        bad = b;
+        if (b) report(c, ERR_SAMPLE_PARAMS, b, p.history_len);
+    }
+    __syncthreads();
+    if (bad) return;
+    const u32 hl = p.history_len;
+    const u32* hist = at<u32>(c, s.history) + (s.history_cap - hl);
+    int hb = 0;
+    for (u32 j = tid; j < hl; j += ST)
+        if (hist[j] >= V) { hb = 1; report(c, ERR_SAMPLE_HISTORY_ID, hist[j], j); }
+    if (__syncthreads_or(hb)) return;
+
+    float* l = c.scratch;
+    float* pb = c.scratch + V;
+    const float* logits = at<float>(c, s.logits);
+    for (u32 t = lo; t < hi; t++) { float v = logits[t]; l[t] = v != v ? -INFINITY : v; }
+    __syncthreads();
+    // 1. Repetition penalty, once per distinct token of the window.
+    if (p.repeat_penalty != 1.0f) {
+        for (u32 j = tid; j < hl; j += ST) {
+            u32 tok = hist[j];
+            bool first = true;
+            for (u32 jj = 0; jj < j; jj++) if (hist[jj] == tok) { first = false; break; }
+            if (first) { float v = l[tok]; l[tok] = v > 0.0f ? v / p.repeat_penalty : v * p.repeat_penalty; }
+        }
+        __syncthreads();
+    }
+    // 2. Greedy.
+    if (p.temperature <= 0.0f) {
+        float bv = -INFINITY;
+        u32 bi = 0xffffffffu;
+        for (u32 t = lo; t < hi; t++) argmax_merge(bv, bi, l[t], t);
+        u32 r = block_argmax(bv, bi);
+        if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
+        return;
+    }
+    for (u32 t = lo; t < hi; t++) { l[t] = l[t] / p.temperature; pb[t] = 1.0f; }
+    __syncthreads();
+    // 3. Top-k: keep keys above the k-th largest, and its ties by ascending id.
+    if (p.top_k > 0 && p.top_k < V) {
+        u32 ties;
+        u32 kstar = radix_select_count(V, lo, hi, p.top_k, [&](u32 t, u32& k) { k = order_key(l[t]); return true; }, ties);
+        u32 mine = 0;
+        for (u32 t = lo; t < hi; t++) mine += order_key(l[t]) == kstar;
+        u32 tot;
+        u32 rank = scan_u32(mine, tot);
+        for (u32 t = lo; t < hi; t++) {
+            u32 k = order_key(l[t]);
+            bool keep = k > kstar || (k == kstar && rank++ < ties);
+            pb[t] = keep ? 1.0f : -1.0f;
+        }
+        __syncthreads();
+    }
+    // 4. Softmax over the kept tokens.
+    float mx = -INFINITY;
+    for (u32 t = lo; t < hi; t++) if (pb[t] > 0.0f) mx = fmaxf(mx, l[t]);
+    mx = block_max(mx);
+    if (mx == -INFINITY) {
+        float bv = -INFINITY;
+        u32 bi = 0xffffffffu;
+        for (u32 t = lo; t < hi; t++) argmax_merge(bv, bi, l[t], t);
+        u32 r = block_argmax(bv, bi);
+        if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
+        return;
+    }
+    double se = 0.0;
+    for (u32 t = lo; t < hi; t++) if (pb[t] > 0.0f) se += (double)expf(l[t] - mx);
+    se = block_sum_d(se);
+    for (u32 t = lo; t < hi; t++) if (pb[t] > 0.0f) pb[t] = (float)((double)expf(l[t] - mx) / se);
+    __syncthreads();
+    // 5. Top-p: the smallest prefix by descending probability (ties by id) whose mass
+    //    reaches top_p. Weighted radix select on the probability bits.
+    if (p.top_p < 1.0f) {
+        __shared__ double mass[256];
+        __shared__ u32 cnt[256];
+        __shared__ u32 sh_prefix, sh_all;
+        __shared__ double sh_above;
+        u32 prefix = 0, mask = 0;
+        double above = 0.0;
+        if (tid == 0) sh_all = 0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = tid; b < 256; b += ST) { mass[b] = 0.0; cnt[b] = 0; }
+            __syncthreads();
+            for (u32 t = lo; t < hi; t++) {
+                float v = pb[t];
+                if (v >= 0.0f) {
+                    u32 k = __float_as_uint(v);
+                    if ((k & mask) == prefix) { atomicAdd(&mass[(k >> shift) & 255], (double)v); atomicAdd(&cnt[(k >> shift) & 255], 1u); }
+                }
+            }
+            __syncthreads();
+            if (tid == 0) {
+                int b = 255;
+                for (; b >= 0; b--) {
+                    if (cnt[b] > 0 && above + mass[b] >= (double)p.top_p) break;
+                    above += mass[b];
+                }
+                if (b < 0) { sh_all = 1; b = 0; }
+                sh_prefix = prefix | ((u32)b << shift);
+                sh_above = above;
+            }
+            __syncthreads();
+            prefix = sh_prefix;
+            above = sh_above;
+            mask |= 255u << shift;
+            if (sh_all) break;
+        }
+        __syncthreads();
+        if (!sh_all) {
+            float vs = __uint_as_float(prefix);
+            // How many tokens of probability vs (ascending id) complete the prefix.
+            u32 need = 1;
+            if (vs > 0.0f) {
+                double j = ceil(((double)p.top_p - above) / (double)vs);
+                need = j < 1.0 ? 1u : (j > 4e9 ? 0xffffffffu : (u32)j);
+                while (need > 1 && above + (double)(need - 1) * vs >= (double)p.top_p) need--;
+                while (need < 0xffffffffu && above + (double)need * vs < (double)p.top_p) need++;
+            } else {
+                need = 0xffffffffu;
+            }
+            u32 mine = 0;
+            for (u32 t = lo; t < hi; t++) mine += pb[t] >= 0.0f && __float_as_uint(pb[t]) == prefix;
+            u32 tot;
+            u32 rank = scan_u32(mine, tot);
+            for (u32 t = lo; t < hi; t++) {
+                float v = pb[t];
+                if (v < 0.0f) continue;
+                u32 k = __float_as_uint(v);
+                bool keep = k > prefix || (k == prefix && rank++ < need);
+                if (!keep) pb[t] = -1.0f;
+            }
+        }
+        __syncthreads();
+    }
+    // 6. Min-p.
+    if (p.min_p > 0.0f) {
+        float pm = 0.0f;
+        for (u32 t = lo; t < hi; t++) pm = fmaxf(pm, pb[t]);
+        pm = block_max(pm);
+        float thr = p.min_p * pm;
+        for (u32 t = lo; t < hi; t++) if (pb[t] >= 0.0f && pb[t] < thr) pb[t] = -1.0f;
+        __syncthreads();
+    }
+    // 7. Draw, walking the survivors in ascending token id.
+    __shared__ double part[ST];
+    __shared__ u32 found, last;
+    double mine = 0.0;
+    int mylast = -1;
+    for (u32 t = lo; t < hi; t++) if (pb[t] >= 0.0f) { mine += (double)pb[t]; mylast = (int)t; }
+    part[tid] = mine;
+    if (tid == 0) { found = 0xffffffffu; last = 0; }
+    __syncthreads();
+    if (mylast >= 0) atomicMax(&last, (u32)mylast);
+    __shared__ u64 rng_new;
+    __shared__ double u_s;
+    if (tid == 0) {
+        double acc = 0.0;
+        for (int i = 0; i < ST; i++) { double t = part[i]; part[i] = acc; acc += t; }
+        u64 st = *at<u64>(c, s.rng) + 0x9E3779B97F4A7C15ull;
+        u64 z = st;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z = z ^ (z >> 31);
+        rng_new = st;
+        float u = (float)(z >> 40) / 16777216.0f;
+        u_s = (double)u * acc;
+    }
+    __syncthreads();
+    {
+        double cum = part[tid];
+        double u = u_s;
+        if (u < cum + mine) {
+            for (u32 t = lo; t < hi; t++) {
+                if (pb[t] < 0.0f) continue;
+                cum += (double)pb[t];
+                if (u < cum) { atomicMin(&found, t); break; }
+            }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        *at<u64>(c, s.rng) = rng_new;
+        *at<u32>(c, s.out) = found != 0xffffffffu ? found : last;
+    }
+}

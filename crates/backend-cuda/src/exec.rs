@@ -1,0 +1,317 @@
+//! Turning validated ops into kernel launches, and the small buffers they need: a
+//! host-mapped status word for errors found on the GPU, and device scratch.
+use cudarc::driver::{result, sys, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
+use samepage_abi::{self as abi, DType};
+use samepage_backend::{Op, OpError};
+
+use crate::kernels::Kernels;
+
+/// `struct Ctx` of `cu/common.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KCtx {
+    pub base: u64,
+    pub status: u64,
+    pub scratch: u64,
+    pub op: u32,
+    pub aux: u32,
+}
+// SAFETY: plain old data matching the C struct.
+unsafe impl DeviceRepr for KCtx {}
+
+/// A descriptor passed by value (its C twin is in `cu/common.cuh`).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct D<T>(T);
+// SAFETY: ABI descriptors are #[repr(C)] structs of 4-byte scalars.
+unsafe impl<T: samepage_abi::Pod> DeviceRepr for D<T> {}
+
+pub(crate) fn cuda_err(what: &str, e: DriverError) -> OpError {
+    OpError::runtime(format!("cuda: {what} failed: {e:?}"))
+}
+
+/// Status words in pinned, device-mapped host memory: written by a kernel only on an
+/// error, read by the host after a wait with a plain load (no copy).
+pub(crate) struct StatusWord {
+    host: *mut u32,
+    dev: u64,
+}
+// SAFETY: a fixed pinned allocation; accessed by the host only between launches.
+unsafe impl Send for StatusWord {}
+
+pub(crate) const STATUS_WORDS: usize = 8;
+
+impl StatusWord {
+    pub fn new() -> Result<StatusWord, DriverError> {
+        // SAFETY: a fresh pinned allocation, zeroed before use.
+        unsafe {
+            let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+            sys::cuMemHostAlloc(
+                &mut p,
+                64,
+                sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+            )
+            .result()?;
+            let mut dev: sys::CUdeviceptr = 0;
+            if let Err(e) = sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0).result() {
+                let _ = result::free_host(p);
+                return Err(e);
+            }
+            let w = StatusWord {
+                host: p as *mut u32,
+                dev,
+            };
+            w.reset();
+            Ok(w)
+        }
+    }
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
+    pub fn reset(&self) {
+        for i in 0..STATUS_WORDS {
+            // SAFETY: 64 bytes allocated; no kernel runs while the host resets it.
+            unsafe { std::ptr::write_volatile(self.host.add(i), 0) };
+        }
+    }
+    pub fn read(&self) -> [u32; STATUS_WORDS] {
+        std::array::from_fn(|i| {
+            // SAFETY: as above; called after the stream was synchronised.
+            unsafe { std::ptr::read_volatile(self.host.add(i)) }
+        })
+    }
+    /// The error a kernel reported, if any, with the op and the values it saw.
+    pub fn check(&self, ops: &[Op]) -> Result<(), OpError> {
+        let w = self.read();
+        if w[0] == 0 {
+            return Ok(());
+        }
+        let idx = w[1] as usize;
+        let (reason, a, b) = (w[2], w[3], w[4]);
+        let msg = match (ops.get(idx), reason) {
+            (Some(Op::KvStore(s)), 1) => format!(
+                "kv_store: positions {a}..{} run past the cache of {} (pos + n must be <= ctx)",
+                a as u64 + b as u64,
+                s.ctx
+            ),
+            (Some(Op::Attention(s)), 2) => format!(
+                "attention: positions {a}..{} run past the cache of {} (pos + n must be <= ctx)",
+                a as u64 + b as u64,
+                s.ctx
+            ),
+            (Some(Op::Embed(e)), 3) => {
+                format!("embed: token id {a} at index {b} is past the vocabulary of {}", e.vocab)
+            }
+            (Some(Op::Sample(s)), 4) => match a {
+                1 => "sample: temperature is not a finite number".to_string(),
+                2 => "sample: top_p is not in [0, 1]".to_string(),
+                3 => "sample: min_p is not in [0, 1]".to_string(),
+                4 => "sample: repeat_penalty must be a positive finite number".to_string(),
+                _ => format!("sample: history_len {b} exceeds history_cap {}", s.history_cap),
+            },
+            (Some(Op::Sample(s)), 5) => {
+                format!("sample: history token id {a} is past the vocabulary of {}", s.vocab)
+            }
+            _ => format!("a kernel reported error {reason} ({a}, {b})"),
+        };
+        Err(OpError::runtime(format!("op {idx}: {msg}")))
+    }
+}
+
+impl Drop for StatusWord {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc in `new`.
+        let _ = unsafe { result::free_host(self.host as *mut _) };
+    }
+}
+
+/// Device scratch (`cuMemAlloc`), backend-internal: attention partials, sampler buffers.
+pub(crate) struct Scratch {
+    ptr: u64,
+    bytes: usize,
+}
+
+impl Scratch {
+    pub fn empty() -> Scratch {
+        Scratch { ptr: 0, bytes: 0 }
+    }
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Make room for `bytes`; the caller makes sure nothing in flight uses the old buffer.
+    pub fn ensure(&mut self, bytes: usize) -> Result<(), DriverError> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        let bytes = bytes.max(4096).next_power_of_two();
+        // SAFETY: the old buffer is idle (see above); the new one is ours.
+        unsafe {
+            if self.ptr != 0 {
+                result::free_sync(self.ptr)?;
+                self.ptr = 0;
+                self.bytes = 0;
+            }
+            self.ptr = result::malloc_sync(bytes)?;
+        }
+        self.bytes = bytes;
+        Ok(())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by malloc_sync; owners synchronise before dropping.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Attention splits over positions: decode (n == 1) spreads the cache over up to 32
+/// blocks per head; prefill has enough (query, head) blocks already.
+pub(crate) fn attention_splits(a: &abi::Attention) -> u32 {
+    if a.n == 1 {
+        a.ctx.div_ceil(64).clamp(1, 32)
+    } else {
+        1
+    }
+}
+
+/// Scratch bytes an op needs.
+pub(crate) fn scratch_bytes(op: &Op) -> usize {
+    match op {
+        Op::Attention(a) => {
+            let s = attention_splits(a) as usize;
+            if s == 1 {
+                0
+            } else {
+                a.n as usize * a.n_heads as usize * s * (a.head_dim as usize + 2) * 4
+            }
+        }
+        Op::Sample(s) => 2 * s.vocab as usize * 4,
+        _ => 0,
+    }
+}
+
+/// Whether the CUDA kernels handle this op (attention keeps a head in registers).
+pub(crate) fn supports(op: &Op) -> bool {
+    match op {
+        Op::Attention(a) => a.head_dim <= 256,
+        _ => true,
+    }
+}
+
+fn cfg(grid: u64, block: u32) -> Result<LaunchConfig, OpError> {
+    let g = u32::try_from(grid)
+        .ok()
+        .filter(|&g| g > 0 && g < i32::MAX as u32)
+        .ok_or_else(|| OpError::unsupported(format!("a launch of {grid} blocks is past what one CUDA grid holds")))?;
+    Ok(LaunchConfig {
+        grid_dim: (g, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn go<T: samepage_abi::Pod>(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    c: KCtx,
+    d: T,
+    lc: LaunchConfig,
+    name: &str,
+) -> Result<(), OpError> {
+    let d = D(d);
+    let mut b = stream.launch_builder(f);
+    b.arg(&c).arg(&d);
+    // SAFETY: the op was validated against the region; kernels index only inside the
+    // validated tensors and check per-token values they read.
+    unsafe { b.launch(lc) }.map(|_| ()).map_err(|e| cuda_err(name, e))
+}
+
+fn elementwise_grid(len: u32) -> u64 {
+    (len as u64).div_ceil(256).min(8192)
+}
+
+/// Enqueue one op on `stream`. `c` carries the region base, status and scratch.
+pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) -> Result<(), OpError> {
+    if !supports(op) {
+        return Err(OpError::unsupported(format!(
+            "cuda: {} with these shapes is not supported",
+            op.name()
+        )));
+    }
+    match *op {
+        Op::Embed(e) => go(stream, &k.embed, c, e, cfg(e.n as u64, 256)?, "embed"),
+        Op::RmsNorm(r) => go(stream, &k.rmsnorm, c, r, cfg(r.n as u64, 256)?, "rmsnorm"),
+        Op::Matmul(m) => {
+            let dt = DType::from_u32(m.dtype).expect("validated dtype");
+            let rb = dt.row_bytes(m.k as usize).expect("validated shape");
+            let w_al = (c.base + m.w as u64).is_multiple_of(16) && rb.is_multiple_of(16);
+            let x_al = (c.base + m.x as u64).is_multiple_of(16);
+            if m.n == 1 {
+                c.aux = match dt {
+                    DType::F32 | DType::F16 | DType::BF16 => (w_al && x_al) as u32,
+                    _ => w_al as u32 | (x_al as u32) << 1,
+                };
+                go(
+                    stream,
+                    &k.matvec[m.dtype as usize],
+                    c,
+                    m,
+                    cfg((m.m as u64).div_ceil(8), 256)?,
+                    "matvec",
+                )
+            } else {
+                let mut lc = cfg((m.m as u64).div_ceil(64), 256)?;
+                lc.grid_dim.1 = u32::try_from((m.n as u64).div_ceil(64))
+                    .ok()
+                    .filter(|&y| y <= 65535)
+                    .ok_or_else(|| OpError::unsupported("cuda: matmul with more than 4M rows of x"))?;
+                go(stream, &k.matmul[m.dtype as usize], c, m, lc, "matmul")
+            }
+        }
+        Op::Rope(r) => {
+            let block = (r.n_rot / 2).div_ceil(32).clamp(1, 8) * 32;
+            go(
+                stream,
+                &k.rope,
+                c,
+                r,
+                cfg(r.n as u64 * r.n_heads as u64, block)?,
+                "rope",
+            )
+        }
+        Op::KvStore(s) => go(
+            stream,
+            &k.kv_store,
+            c,
+            s,
+            cfg(s.n as u64 * s.n_kv_heads as u64, 128)?,
+            "kv_store",
+        ),
+        Op::Attention(a) => {
+            let s = attention_splits(&a);
+            c.aux = s;
+            let blocks = a.n as u64 * a.n_heads as u64;
+            go(stream, &k.attention, c, a, cfg(blocks * s as u64, 128)?, "attention")?;
+            if s > 1 {
+                go(
+                    stream,
+                    &k.attention_combine,
+                    c,
+                    a,
+                    cfg(blocks, 64)?,
+                    "attention_combine",
+                )?;
+            }
+            Ok(())
+        }
+        Op::SwiGlu(s) => go(stream, &k.swiglu, c, s, cfg(elementwise_grid(s.len), 256)?, "swiglu"),
+        Op::Add(s) => go(stream, &k.add, c, s, cfg(elementwise_grid(s.len), 256)?, "add"),
+        Op::Scale(s) => go(stream, &k.scale, c, s, cfg(elementwise_grid(s.len), 256)?, "scale"),
+        Op::Softmax(s) => go(stream, &k.softmax, c, s, cfg(s.rows as u64, 1024)?, "softmax"),
+        Op::Argmax(s) => go(stream, &k.argmax, c, s, cfg(s.rows as u64, 1024)?, "argmax"),
+        Op::Sample(s) => go(stream, &k.sample, c, s, cfg(1, 1024)?, "sample"),
+    }
+}

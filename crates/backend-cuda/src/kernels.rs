@@ -1,0 +1,127 @@
+//! The CUDA C kernels (`src/cu/*`), compiled once per process by NVRTC for the
+//! device's architecture, and the loaded functions.
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, DriverError};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+/// The kernel source: one translation unit, no headers (NVRTC has no toolkit here).
+pub const SOURCE: &str = concat!(
+    include_str!("cu/common.cuh"),
+    include_str!("cu/quant.cuh"),
+    include_str!("cu/ops.cu"),
+    include_str!("cu/matmul.cu"),
+    include_str!("cu/attention.cu"),
+    include_str!("cu/sample.cu"),
+);
+
+/// Weight dtypes in `samepage_abi::DType` order (F32 = 0 .. Q6_K = 9), as kernel suffixes.
+pub const DTYPE_SUFFIX: [&str; 10] = [
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k",
+];
+
+/// PTX per architecture, compiled at most once per process.
+fn ptx_for(arch: &'static str) -> Result<String, String> {
+    type Cache = Mutex<Vec<(&'static str, Result<String, String>)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, r)) = cache.iter().find(|(a, _)| *a == arch) {
+        return r.clone();
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into(), "-default-device".into()],
+        ..Default::default()
+    };
+    let r = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        .map(|p| p.to_src())
+        .map_err(|e| format!("NVRTC could not compile the kernels for {arch}: {e:?}"));
+    cache.push((arch, r.clone()));
+    r
+}
+
+/// The loaded kernels of one context.
+pub struct Kernels {
+    pub embed: CudaFunction,
+    pub rmsnorm: CudaFunction,
+    pub rope: CudaFunction,
+    pub kv_store: CudaFunction,
+    pub attention: CudaFunction,
+    pub attention_combine: CudaFunction,
+    pub swiglu: CudaFunction,
+    pub add: CudaFunction,
+    pub scale: CudaFunction,
+    pub softmax: CudaFunction,
+    pub argmax: CudaFunction,
+    pub sample: CudaFunction,
+    /// `matvec_<dtype>` (n == 1), by dtype code.
+    pub matvec: Vec<CudaFunction>,
+    /// `matmul_<dtype>` (n > 1), by dtype code.
+    pub matmul: Vec<CudaFunction>,
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, String> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| format!("compute capability: {e:?}"))?;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let src = ptx_for(arch)?;
+        let module = ctx
+            .load_module(Ptx::from_src(src))
+            .map_err(|e| format!("loading the kernel module: {e:?}"))?;
+        let f = |name: &str| -> Result<CudaFunction, String> {
+            module
+                .load_function(name)
+                .map_err(|e: DriverError| format!("kernel {name}: {e:?}"))
+        };
+        Ok(Kernels {
+            embed: f("embed")?,
+            rmsnorm: f("rmsnorm")?,
+            rope: f("rope")?,
+            kv_store: f("kv_store")?,
+            attention: f("attention")?,
+            attention_combine: f("attention_combine")?,
+            swiglu: f("swiglu")?,
+            add: f("add")?,
+            scale: f("scale")?,
+            softmax: f("softmax")?,
+            argmax: f("argmax")?,
+            sample: f("sample")?,
+            matvec: DTYPE_SUFFIX
+                .iter()
+                .map(|s| f(&format!("matvec_{s}")))
+                .collect::<Result<_, _>>()?,
+            matmul: DTYPE_SUFFIX
+                .iter()
+                .map(|s| f(&format!("matmul_{s}")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// Write the PTX for `arch` to `path` (for inspection: `SAMEPAGE_DUMP_PTX`).
+pub fn dump_ptx(arch: &'static str, path: &std::path::Path) -> Result<(), String> {
+    let ptx = ptx_for(arch)?;
+    std::fs::write(path, ptx).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernels compile for Hopper wherever NVRTC loads (no GPU needed).
+    #[test]
+    fn kernels_compile_for_sm90() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            println!("skipped: no NVRTC library");
+            return;
+        }
+        if let Err(e) = super::ptx_for("sm_90") {
+            panic!("{e}");
+        }
+        if let Ok(p) = std::env::var("SAMEPAGE_DUMP_PTX") {
+            super::dump_ptx("sm_90", std::path::Path::new(&p)).unwrap();
+        }
+    }
+}

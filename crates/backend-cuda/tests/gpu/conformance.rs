@@ -1,0 +1,503 @@
+//! Every op and every weight dtype against the CPU backend and the scalar reference,
+//! with a normalised error ‖gpu − ref‖ / ‖ref‖ per op.
+use samepage_abi::{self as abi, op as code, DType, SampleParams};
+use samepage_backend_cpu::reference as r;
+
+use crate::*;
+
+/// Random but sane weights: random quant bytes, every f16 scale a small finite value.
+pub fn weights(dt: DType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_le_bytes();
+    let n = rows * cols;
+    match dt {
+        DType::F32 => f32_bytes(&rng.f32s(n)),
+        DType::F16 => (0..n).flat_map(|_| f16(rng.f32())).collect(),
+        DType::BF16 => (0..n).flat_map(|_| bf16(rng.f32())).collect(),
+        _ => {
+            let bb = dt.block_bytes();
+            let blocks = n / dt.block_elems();
+            let mut b: Vec<u8> = (0..blocks * bb).map(|_| rng.u64() as u8).collect();
+            let scales: &[usize] = match dt {
+                DType::Q8_0 | DType::Q4_0 | DType::Q5_0 => &[0],
+                DType::Q4_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+                DType::Q6_K => &[208],
+                _ => unreachable!(),
+            };
+            for blk in b.chunks_exact_mut(bb) {
+                for &s in scales {
+                    blk[s..s + 2].copy_from_slice(&f16(rng.f32() * 0.05));
+                }
+            }
+            b
+        }
+    }
+}
+
+fn check(what: &str, gpu: &[f32], want: &[f32], tol: f64) {
+    assert!(
+        gpu.iter().all(|v| v.is_finite()),
+        "{what}: non-finite output (unwritten?)"
+    );
+    let e = r::rel_err(gpu, want);
+    println!("{what}: rel err {e:.2e}");
+    assert!(e <= tol, "{what}: rel err {e:.3e} > {tol:.0e}");
+}
+
+#[test]
+fn matmul_every_dtype_and_path() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(1);
+    for dt in DType::WEIGHTS {
+        let kq = dt.block_elems().max(32);
+        // (m, k, n, weight skew, x skew): skews of 2/4 bytes take the unaligned paths.
+        let mut shapes = vec![
+            (67, 2 * kq.max(256), 1, 0, 0),
+            (67, 2 * kq.max(256), 1, 2, 4),
+            (130, 3 * kq.max(256), 70, 0, 0),
+            (9, kq, 3, 2, 4),
+        ];
+        if dt.block_elems() == 1 {
+            shapes.push((33, 40, 1, 0, 0));
+            shapes.push((33, 40, 2, 0, 0));
+        }
+        if dt == DType::F32 {
+            // f32 weights are 4-byte aligned: no 2-byte skew.
+            for s in &mut shapes {
+                s.3 = if s.3 == 2 { 4 } else { s.3 };
+            }
+        }
+        for (m, k, n, wskew, xskew) in shapes {
+            for flags in [0, abi::MATMUL_BIAS | abi::MATMUL_ACCUMULATE] {
+                let w = weights(dt, m, k, &mut rng);
+                let x = rng.f32s(n * k);
+                let bias = rng.f32s(m);
+                let prev = rng.f32s(n * m);
+                let mut img = Image::default();
+                let wo = img.put_skewed(&w, wskew);
+                let xo = img.put_skewed(&f32_bytes(&x), xskew);
+                let bo = img.f32s(&bias);
+                let oo = if flags != 0 {
+                    img.f32s(&prev)
+                } else {
+                    img.out(4 * n * m)
+                };
+                let d = abi::Matmul {
+                    w: wo,
+                    dtype: dt as u32,
+                    m: m as u32,
+                    k: k as u32,
+                    x: xo,
+                    n: n as u32,
+                    out: oo,
+                    bias: bo,
+                    flags,
+                };
+                let ops = [op(code::MATMUL, &d, img.size())];
+                let (c, g) = run_both(&gpu, &img, &ops);
+                let (bias_r, prev_r) = if flags != 0 {
+                    (Some(&bias[..]), Some(&prev[..]))
+                } else {
+                    (None, None)
+                };
+                let want = r::matmul(dt, &w, m, k, &x, n, bias_r, prev_r);
+                let what = format!(
+                    "matmul {} m={m} k={k} n={n} skew=({wskew},{xskew}) flags={flags}",
+                    dt.name()
+                );
+                check(&what, &read_f32s(&g, oo, n * m), &want, 1e-5);
+                let cpu_err = r::rel_err(&read_f32s(&c, oo, n * m), &read_f32s(&g, oo, n * m));
+                assert!(cpu_err < 2e-2, "{what}: differs from the CPU backend by {cpu_err:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn embed_every_dtype() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(2);
+    for dt in DType::WEIGHTS {
+        let (vocab, dim, n) = (50, 256, 7);
+        let t = weights(dt, vocab, dim, &mut rng);
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32)).collect();
+        let mut img = Image::default();
+        let to = img.put_skewed(&t, if dt == DType::F32 { 0 } else { 2 });
+        let io = img.u32s(&ids);
+        let oo = img.out(4 * n * dim);
+        let d = abi::Embed {
+            table: to,
+            dtype: dt as u32,
+            vocab: vocab as u32,
+            dim: dim as u32,
+            ids: io,
+            n: n as u32,
+            out: oo,
+        };
+        let (c, g) = run_both(&gpu, &img, &[op(code::EMBED, &d, img.size())]);
+        let want = r::embed(dt, &t, vocab, dim, &ids);
+        check(
+            &format!("embed {}", dt.name()),
+            &read_f32s(&g, oo, n * dim),
+            &want,
+            1e-6,
+        );
+        assert_eq!(
+            read_f32s(&c, oo, n * dim),
+            read_f32s(&g, oo, n * dim),
+            "embed {} vs cpu",
+            dt.name()
+        );
+    }
+}
+
+#[test]
+fn norm_rope_elementwise() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(3);
+    // rmsnorm, in place and not.
+    for (n, dim) in [(1usize, 2048usize), (5, 100)] {
+        let x = rng.f32s(n * dim);
+        let w = rng.f32s(dim);
+        let mut img = Image::default();
+        let xo = img.f32s(&x);
+        let wo = img.f32s(&w);
+        let oo = img.out(4 * n * dim);
+        let a = abi::RmsNorm {
+            x: xo,
+            weight: wo,
+            out: oo,
+            n: n as u32,
+            dim: dim as u32,
+            eps: 1e-5,
+        };
+        let b = abi::RmsNorm { out: xo, ..a };
+        let l = img.size();
+        let (_, g) = run_both(&gpu, &img, &[op(code::RMSNORM, &a, l), op(code::RMSNORM, &b, l)]);
+        let want = r::rmsnorm(&x, &w, dim, 1e-5);
+        check("rmsnorm", &read_f32s(&g, oo, n * dim), &want, 1e-6);
+        check("rmsnorm in place", &read_f32s(&g, xo, n * dim), &want, 1e-6);
+    }
+    // rope: both layouts, partial rotation, Llama-3 scaling.
+    for (mode, n_rot, scaling) in [
+        (abi::ROPE_INTERLEAVED, 64, 0.0),
+        (abi::ROPE_HALF, 64, 32.0),
+        (abi::ROPE_HALF, 32, 0.0),
+    ] {
+        let (n, heads, hd) = (3usize, 4usize, 64usize);
+        let x = rng.f32s(n * heads * hd);
+        let pos: Vec<u32> = vec![0, 17, 5000];
+        let mut img = Image::default();
+        let xo = img.f32s(&x);
+        let po = img.u32s(&pos);
+        let d = abi::Rope {
+            x: xo,
+            n: n as u32,
+            n_heads: heads as u32,
+            head_dim: hd as u32,
+            n_rot,
+            mode,
+            positions: po,
+            freq_base: 500000.0,
+            scaling_factor: scaling,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 8192,
+        };
+        let (c, g) = run_both(&gpu, &img, &[op(code::ROPE, &d, img.size())]);
+        let want = r::rope(&x, &d, &pos);
+        check(
+            &format!("rope mode={mode} n_rot={n_rot} scaling={scaling}"),
+            &read_f32s(&g, xo, x.len()),
+            &want,
+            1e-6,
+        );
+        check(
+            "rope vs cpu",
+            &read_f32s(&g, xo, x.len()),
+            &read_f32s(&c, xo, x.len()),
+            1e-6,
+        );
+    }
+    // swiglu, add (in place), scale, softmax, argmax.
+    let len = 3000;
+    let (a, b) = (rng.f32s(len), rng.f32s(len));
+    let mut img = Image::default();
+    let ao = img.f32s(&a);
+    let bo = img.f32s(&b);
+    let so = img.out(4 * len);
+    let co = img.out(4 * len);
+    let (rows, cols) = (3usize, 1000usize);
+    let mut sm = rng.f32s(rows * cols);
+    sm[10] = 5.0;
+    sm[20] = 5.0; // a tie: the first index wins
+    sm[1000 + 999] = 7.0;
+    let smo = img.f32s(&sm);
+    let smout = img.out(4 * rows * cols);
+    let amo = img.out(4 * rows);
+    let l = img.size();
+    let ops = [
+        op(
+            code::SWIGLU,
+            &abi::SwiGlu {
+                gate: ao,
+                up: bo,
+                out: so,
+                len: len as u32,
+            },
+            l,
+        ),
+        op(
+            code::SCALE,
+            &abi::Scale {
+                x: ao,
+                out: co,
+                len: len as u32,
+                scale: 0.37,
+            },
+            l,
+        ),
+        op(
+            code::ADD,
+            &abi::Add {
+                a: ao,
+                b: bo,
+                out: ao,
+                len: len as u32,
+            },
+            l,
+        ),
+        op(
+            code::SOFTMAX,
+            &abi::Softmax {
+                x: smo,
+                out: smout,
+                rows: rows as u32,
+                cols: cols as u32,
+            },
+            l,
+        ),
+        op(
+            code::ARGMAX,
+            &abi::Argmax {
+                x: smo,
+                out: amo,
+                rows: rows as u32,
+                cols: cols as u32,
+            },
+            l,
+        ),
+    ];
+    let (c, g) = run_both(&gpu, &img, &ops);
+    check("swiglu", &read_f32s(&g, so, len), &r::swiglu(&a, &b), 1e-6);
+    check("scale", &read_f32s(&g, co, len), &r::scale(&a, 0.37), 1e-7);
+    check("add in place", &read_f32s(&g, ao, len), &r::add(&a, &b), 1e-7);
+    check(
+        "softmax",
+        &read_f32s(&g, smout, rows * cols),
+        &r::softmax(&sm, cols),
+        1e-6,
+    );
+    assert_eq!(read_u32s(&g, amo, rows), r::argmax(&sm, cols));
+    assert_eq!(read_u32s(&g, amo, rows), read_u32s(&c, amo, rows));
+    assert_eq!(read_u32s(&g, amo, rows)[..2], [10, 999]);
+}
+
+fn f16_vals(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
+#[test]
+fn kv_store_and_attention() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(4);
+    for cache_dt in [DType::F32, DType::F16] {
+        // (n, pos, ctx): decode with many splits, decode at 0, a prefill chunk.
+        for (n, pos, ctx, heads, kvh, hd) in [
+            (1usize, 300usize, 512usize, 8usize, 2usize, 64usize),
+            (1, 0, 2048, 4, 4, 128),
+            (7, 20, 64, 6, 3, 80),
+        ] {
+            let es = cache_dt.block_bytes();
+            // An old cache (random), new k/v for positions pos..pos+n, queries.
+            let old_k = rng.f32s(kvh * ctx * hd);
+            let old_v = rng.f32s(kvh * ctx * hd);
+            let (kn, vn, q) = (rng.f32s(n * kvh * hd), rng.f32s(n * kvh * hd), rng.f32s(n * heads * hd));
+            let enc = |v: &[f32]| -> Vec<u8> {
+                if es == 2 {
+                    v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
+                } else {
+                    f32_bytes(v)
+                }
+            };
+            let mut img = Image::default();
+            let kc = img.put(&enc(&old_k));
+            let vc = img.put(&enc(&old_v));
+            let ko = img.f32s(&kn);
+            let vo = img.f32s(&vn);
+            let qo = img.f32s(&q);
+            let po = img.u32s(&[pos as u32]);
+            let oo = img.out(4 * n * heads * hd);
+            let l = img.size();
+            let st = abi::KvStore {
+                k: ko,
+                v: vo,
+                n: n as u32,
+                n_kv_heads: kvh as u32,
+                head_dim: hd as u32,
+                k_cache: kc,
+                v_cache: vc,
+                cache_dtype: cache_dt as u32,
+                ctx: ctx as u32,
+                pos: po,
+            };
+            let at = abi::Attention {
+                q: qo,
+                n: n as u32,
+                n_heads: heads as u32,
+                n_kv_heads: kvh as u32,
+                head_dim: hd as u32,
+                k_cache: kc,
+                v_cache: vc,
+                cache_dtype: cache_dt as u32,
+                ctx: ctx as u32,
+                pos: po,
+                out: oo,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let (c, g) = run_both(&gpu, &img, &[op(code::KV_STORE, &st, l), op(code::ATTENTION, &at, l)]);
+            // The caches must match the CPU's byte for byte.
+            let cb = kvh * ctx * hd * es;
+            assert!(
+                c[kc as usize..kc as usize + cb] == g[kc as usize..kc as usize + cb],
+                "k cache"
+            );
+            assert!(
+                c[vc as usize..vc as usize + cb] == g[vc as usize..vc as usize + cb],
+                "v cache"
+            );
+            // Reference on the stored cache (as f32).
+            let mut kf = if es == 2 { f16_vals(&old_k) } else { old_k.clone() };
+            let mut vf = if es == 2 { f16_vals(&old_v) } else { old_v.clone() };
+            for i in 0..n {
+                for h in 0..kvh {
+                    for d in 0..hd {
+                        let src = (i * kvh + h) * hd + d;
+                        let dst = (h * ctx + pos + i) * hd + d;
+                        kf[dst] = if es == 2 {
+                            half::f16::from_f32(kn[src]).to_f32()
+                        } else {
+                            kn[src]
+                        };
+                        vf[dst] = if es == 2 {
+                            half::f16::from_f32(vn[src]).to_f32()
+                        } else {
+                            vn[src]
+                        };
+                    }
+                }
+            }
+            let want = r::attention(&q, &kf, &vf, n, heads, kvh, hd, ctx, pos, at.scale);
+            let what = format!(
+                "attention {} n={n} pos={pos} ctx={ctx} heads={heads}/{kvh} hd={hd}",
+                cache_dt.name()
+            );
+            check(&what, &read_f32s(&g, oo, n * heads * hd), &want, 1e-5);
+            check(
+                &format!("{what} vs cpu"),
+                &read_f32s(&g, oo, n * heads * hd),
+                &read_f32s(&c, oo, n * heads * hd),
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn sample_matches_the_cpu_draw_for_draw() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(5);
+    let vocab = 5000usize;
+    let cases = [
+        SampleParams::default(),
+        SampleParams {
+            repeat_penalty: 1.3,
+            history_len: 8,
+            ..Default::default()
+        },
+        SampleParams {
+            temperature: 0.8,
+            ..Default::default()
+        },
+        SampleParams {
+            temperature: 1.0,
+            top_k: 40,
+            ..Default::default()
+        },
+        SampleParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            ..Default::default()
+        },
+        SampleParams {
+            temperature: 1.2,
+            top_k: 100,
+            top_p: 0.8,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            history_len: 16,
+        },
+        SampleParams {
+            temperature: 2.0,
+            top_p: 0.999,
+            ..Default::default()
+        },
+        SampleParams {
+            temperature: 1.0,
+            top_p: 0.0,
+            ..Default::default()
+        },
+        SampleParams {
+            temperature: 1.0,
+            min_p: 0.2,
+            ..Default::default()
+        },
+    ];
+    let history: Vec<u32> = (0..32).map(|_| rng.below(vocab as u32)).collect();
+    for (ci, p) in cases.iter().enumerate() {
+        let mut same = 0;
+        for seed in 0..12u64 {
+            let logits: Vec<f32> = (0..vocab).map(|_| rng.f32() * 6.0).collect();
+            let mut img = Image::default();
+            let lo = img.f32s(&logits);
+            let po = img.put(samepage_abi::pod_bytes(p));
+            let ho = img.u32s(&history);
+            let ro = img.put(&(seed * 7919 + 3).to_le_bytes());
+            let oo = img.out(4);
+            let d = abi::Sample {
+                logits: lo,
+                vocab: vocab as u32,
+                params: po,
+                history: ho,
+                history_cap: history.len() as u32,
+                rng: ro,
+                out: oo,
+            };
+            let (c, g) = run_both(&gpu, &img, &[op(code::SAMPLE, &d, img.size())]);
+            let (tc, tg) = (read_u32s(&c, oo, 1)[0], read_u32s(&g, oo, 1)[0]);
+            assert_eq!(
+                c[ro as usize..ro as usize + 8],
+                g[ro as usize..ro as usize + 8],
+                "case {ci}: rng state"
+            );
+            assert!((tg as usize) < vocab);
+            same += (tc == tg) as u32;
+            if tc != tg {
+                println!("case {ci} seed {seed}: cpu {tc} gpu {tg} ({p:?})");
+            }
+        }
+        // exp() differs in the last ulp between the CPU and the GPU; a draw on a boundary
+        // may differ, rarely.
+        assert!(same >= 11, "case {ci}: only {same}/12 draws agree ({p:?})");
+    }
+}
