@@ -189,15 +189,11 @@ fn load_gguf(
         }
     };
     drop(head);
-    let cfg = gguf_config(&g)?;
-    let tok = Tokenizer::from_gguf(&g)?;
-    let main_eos = g.u64("tokenizer.ggml.eos_token_id").map(|v| v as u32);
-    let bos_text = tok.bos.map(|b| tok.token_text(b)).unwrap_or_default();
-    let eos_text = main_eos.map(|e| tok.token_text(e)).unwrap_or_default();
-    let template = g.str("tokenizer.chat_template").map(str::to_string);
-
+    // Tensors first: an unsupported type or a model too big for wasm32 is the real
+    // problem even when other metadata is missing too.
     let mut tensor_types = BTreeMap::new();
     let mut data_len = 0u64;
+    let mut truncated = None;
     for t in &g.tensors {
         let bytes = Gguf::tensor_bytes(t)?;
         let end = g
@@ -205,17 +201,30 @@ fn load_gguf(
             .checked_add(t.offset)
             .and_then(|o| o.checked_add(bytes))
             .unwrap_or(u64::MAX);
-        if end > size {
-            return Err(format!(
+        if end > size && truncated.is_none() {
+            truncated = Some(format!(
                 "{path} is truncated: tensor {} ends at byte {end} but the file has {size} bytes",
                 t.name
             ));
         }
-        data_len = data_len.max(end - g.data_start);
+        data_len = data_len.max(end.saturating_sub(g.data_start));
         *tensor_types
             .entry(gguf::dtype_of(t.ggml_type).unwrap().name().to_string())
             .or_insert(0) += 1;
     }
+    if !vocab_only {
+        check_fits(data_len)?;
+        if let Some(t) = truncated {
+            return Err(t);
+        }
+    }
+    let cfg = gguf_config(&g)?;
+    let tok = Tokenizer::from_gguf(&g)?;
+    let main_eos = g.u64("tokenizer.ggml.eos_token_id").map(|v| v as u32);
+    let bos_text = tok.bos.map(|b| tok.token_text(b)).unwrap_or_default();
+    let eos_text = main_eos.map(|e| tok.token_text(e)).unwrap_or_default();
+    let template = g.str("tokenizer.chat_template").map(str::to_string);
+
     let weights_bytes: u64 = g.tensors.iter().map(|t| Gguf::tensor_bytes(t).unwrap_or(0)).sum();
     let details = gguf_details(&g);
     let mut loaded = Loaded {
@@ -469,7 +478,12 @@ fn load_hf(
     let mut tensor_types = BTreeMap::new();
     for shard in &shards {
         let path = file(shard);
-        let f = open(&path)?;
+        let f = match open(&path) {
+            Ok(f) => f,
+            // A tokenizer-only directory is enough for a vocab-only load.
+            Err(_) if vocab_only => continue,
+            Err(e) => return Err(e),
+        };
         let size = f.size().map_err(|e| format!("cannot size {path}: {e}"))?;
         let mut n = [0u8; 8];
         f.read_at(0, &mut n).map_err(|e| format!("cannot read {path}: {e}"))?;
