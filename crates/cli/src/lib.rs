@@ -27,13 +27,47 @@ pub fn guest_wasm() -> Result<std::borrow::Cow<'static, [u8]>> {
 
 /// The backends compiled into this binary, best first.
 pub fn backends() -> Vec<&'static str> {
-    vec!["cpu"]
+    let mut v = Vec::new();
+    if cfg!(feature = "cuda") {
+        v.push("cuda");
+    }
+    if cfg!(feature = "wgpu") {
+        v.extend(["metal", "vulkan", "wgpu"]);
+    }
+    v.push("cpu");
+    v
 }
 
-/// Pick a backend by name; `auto` takes the best one compiled in and present.
+/// Pick a backend by name. `auto` takes the best one compiled in and present: CUDA, then
+/// a hardware Metal/Vulkan GPU, then the CPU (a software Vulkan device such as lavapipe
+/// is never picked automatically: the CPU backend is faster on the same cores).
 pub fn backend(name: &str) -> Result<Arc<dyn Backend>> {
     match name {
-        "auto" | "cpu" => Ok(Arc::new(samepage_backend_cpu::CpuBackend::new())),
+        "cpu" => Ok(Arc::new(samepage_backend_cpu::CpuBackend::new())),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Arc::new(samepage_backend_cuda::CudaBackend::new()?)),
+        #[cfg(feature = "wgpu")]
+        "wgpu" | "vulkan" | "metal" => {
+            let b = samepage_backend_wgpu::WgpuBackend::new()?;
+            if name != "wgpu" && b.name() != name {
+                bail!("backend {name} is not available here: the GPU found runs {}", b.name());
+            }
+            Ok(Arc::new(b))
+        }
+        "auto" => {
+            #[cfg(feature = "cuda")]
+            if let Ok(b) = samepage_backend_cuda::CudaBackend::new() {
+                return Ok(Arc::new(b));
+            }
+            #[cfg(feature = "wgpu")]
+            if let Ok(b) = samepage_backend_wgpu::WgpuBackend::new() {
+                let a = b.adapter().to_lowercase();
+                if !["llvmpipe", "lavapipe", "swiftshader"].iter().any(|s| a.contains(s)) {
+                    return Ok(Arc::new(b));
+                }
+            }
+            Ok(Arc::new(samepage_backend_cpu::CpuBackend::new()))
+        }
         other => bail!(
             "unknown backend '{other}'; this build has: auto, {}",
             backends().join(", ")

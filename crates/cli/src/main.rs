@@ -95,7 +95,7 @@ struct RunArgs {
     /// Context length (default: the model's, capped at 4096).
     #[arg(long, default_value_t = 0)]
     ctx: u32,
-    /// Compute backend: auto, cpu.
+    /// Compute backend: auto, cpu, cuda, vulkan, metal, wgpu.
     #[arg(long, default_value = "auto")]
     backend: String,
 }

@@ -145,10 +145,58 @@ impl Runtime {
     /// exports `samepage_abi_version`, and imports nothing but `samepage` functions.
     /// Runs no guest code.
     pub fn compile(&self, wasm: &[u8]) -> Result<Module, RuntimeError> {
-        let module = wasmtime::Module::new(&self.engine, wasm).map_err(|e| RuntimeError::Compile(format!("{e:#}")))?;
+        let module = match cache_path(&self.engine, wasm) {
+            Some(path) => self.compile_cached(wasm, &path)?,
+            None => wasmtime::Module::new(&self.engine, wasm).map_err(|e| RuntimeError::Compile(format!("{e:#}")))?,
+        };
         check_module(&module)?;
         Ok(Module { inner: module })
     }
+
+    /// Compiling the LLM guest takes seconds; its machine code is kept in a per-user
+    /// cache keyed by the wasm bytes and the engine's configuration.
+    fn compile_cached(&self, wasm: &[u8], path: &std::path::Path) -> Result<wasmtime::Module, RuntimeError> {
+        if path.exists() {
+            // SAFETY: the file was written by `Module::serialize` of an engine with the same
+            // compatibility hash (part of its name), in the user's own cache directory;
+            // Wasmtime checks the header and refuses a mismatched or corrupt artifact.
+            if let Ok(m) = unsafe { wasmtime::Module::deserialize_file(&self.engine, path) } {
+                return Ok(m);
+            }
+        }
+        let m = wasmtime::Module::new(&self.engine, wasm).map_err(|e| RuntimeError::Compile(format!("{e:#}")))?;
+        if let Ok(bytes) = m.serialize() {
+            // Best effort, written atomically: a failed write only costs the next compile.
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::create_dir_all(path.parent().unwrap_or(path)).is_ok() && std::fs::write(&tmp, bytes).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Where the compiled form of `wasm` is cached: `$SAMEPAGE_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/samepage`, else `~/.cache/samepage`; `None` when
+/// `SAMEPAGE_CACHE_DIR` is empty (caching off) or no directory is known.
+fn cache_path(engine: &wasmtime::Engine, wasm: &[u8]) -> Option<std::path::PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let dir = match std::env::var_os("SAMEPAGE_CACHE_DIR") {
+        Some(d) if d.is_empty() => return None,
+        Some(d) => std::path::PathBuf::from(d),
+        None => match std::env::var_os("XDG_CACHE_HOME") {
+            Some(d) if !d.is_empty() => std::path::PathBuf::from(d).join("samepage"),
+            _ => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/samepage"),
+        },
+    };
+    // FNV-1a over the module: stable across builds, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in wasm {
+        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut e = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut e);
+    Some(dir.join(format!("{h:016x}-{:016x}.cwasm", e.finish())))
 }
 
 /// A compiled, checked guest.
