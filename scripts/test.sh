@@ -17,6 +17,8 @@ echo "== host workspace tests"
 SAMEPAGE_REQUIRE_BUILT_GUEST=1 cargo test --workspace
 echo "== guest logic tests (native)"
 (cd guests && cargo test -p llm)
+echo "== Metal type-check (aarch64-apple-darwin)"
+scripts/check-metal.sh
 echo "== style"
 cargo fmt --all --check
 (cd guests && cargo fmt --all --check)

@@ -232,8 +232,8 @@ fn summary(load_s: f64, g: &samepage::Generation) {
         0.0
     };
     eprintln!(
-        "load {:.2} s | prompt {} tok, {:.1} tok/s | generation {} tok, {:.1} tok/s | {}",
-        load_s, g.prompt_tokens, pps, g.completion_tokens, tgs, g.finish_reason
+        "load {:.2} s | prompt {} tok ({} cached), {:.1} tok/s | generation {} tok, {:.1} tok/s | {}",
+        load_s, g.prompt_tokens, g.cached_tokens, pps, g.completion_tokens, tgs, g.finish_reason
     );
 }
 

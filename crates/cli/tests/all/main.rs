@@ -5,6 +5,7 @@ mod cli;
 mod hf;
 mod smollm2;
 mod tokenizer;
+mod vulkan;
 
 use std::path::PathBuf;
 
