@@ -3,7 +3,9 @@
 //! `cargo run -p samepage-backend-cpu --example matvec_bench [-- DTYPE...]`
 //!
 //! Decode (n = 1): GB/s of weights read, for W of 8192x2048 and 2048x8192, at 1 and 2
-//! threads. Prefill (n = 128): GFLOP/s (2 m k n per matmul).
+//! threads. Prefill (n = 128): GFLOP/s (2 m k n per matmul). Then microseconds per
+//! decode matmul at a small model's shapes (SmolLM2-135M: dim 576, ffn 1536, kv 192),
+//! weights cycled through copies larger than the L3 as in a real forward pass.
 use std::time::{Duration, Instant};
 
 use samepage_abi::{self as abi, op, pod_bytes, DType};
@@ -161,5 +163,62 @@ fn main() {
             }
         }
         println!("{row}{prefill}");
+    }
+
+    small_shapes(&backends, &region, &mut seed, &filter);
+}
+
+/// Microseconds per decode (n = 1) matmul at small shapes, 1 and 2 threads.
+fn small_shapes(backends: &[CpuBackend], region: &CpuRegion, seed: &mut u64, filter: &[String]) {
+    let shapes = [(192usize, 576usize), (576, 576), (1536, 576), (576, 1536), (8192, 576)];
+    println!();
+    println!("decode us/op at small shapes (m x k), 1 thr / 2 thr");
+    let mut head = format!("{:<6} |", "dtype");
+    for (m, k) in shapes {
+        head += &format!(" {:>15} |", format!("{m}x{k}"));
+    }
+    println!("{head}");
+    for dt in [DType::Q4_1, DType::Q8_0, DType::F32] {
+        if !(filter.is_empty() || filter.iter().any(|f| f.eq_ignore_ascii_case(dt.name()))) {
+            continue;
+        }
+        let mut row = format!("{:<6} |", dt.name());
+        for (m, k) in shapes {
+            let w = random_weights(seed, dt, m, k);
+            let base = region.base();
+            let stride = w.len().div_ceil(4096) * 4096;
+            let copies = (COPIES_BYTES / 4 / stride).max(2);
+            for c in 0..copies {
+                // SAFETY: inside the region; the copies and the tensors below are disjoint.
+                unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), base.add(c * stride), w.len()) };
+            }
+            let x_off = (copies * stride) as u32;
+            let out_off = x_off + (4 * k) as u32;
+            let xs: Vec<f32> = (0..k).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+            // SAFETY: inside the region.
+            unsafe { std::ptr::copy_nonoverlapping(xs.as_ptr() as *const u8, base.add(x_off as usize), 4 * k) };
+            let ops: Vec<Op> = (0..copies)
+                .map(|c| {
+                    let d = abi::Matmul {
+                        w: (c * stride) as u32,
+                        dtype: dt as u32,
+                        m: m as u32,
+                        k: k as u32,
+                        x: x_off,
+                        n: 1,
+                        out: out_off,
+                        bias: 0,
+                        flags: 0,
+                    };
+                    Op::decode(op::MATMUL, pod_bytes(&d), region.size()).unwrap()
+                })
+                .collect();
+            let t: Vec<f64> = backends
+                .iter()
+                .map(|b| time(b, region, &ops, Duration::from_millis(200)) * 1e6)
+                .collect();
+            row += &format!(" {:>7.1} {:>7.1} |", t[0], t[1]);
+        }
+        println!("{row}");
     }
 }

@@ -88,6 +88,9 @@ fn backends() -> Vec<CpuBackend> {
 
 fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = reference::rel_err(got, want);
+    if std::env::var_os("SHOW_ERR").is_some() {
+        eprintln!("{what}: {e:.3e}");
+    }
     assert!(e <= tol, "{what}: normalised error {e:.3e} > {tol:.0e}");
 }
 
@@ -135,7 +138,9 @@ fn matmul_tol(dtype: DType) -> f64 {
     match dtype {
         DType::F32 | DType::F16 => 1e-5,
         DType::BF16 => 1e-4,
-        _ => 2e-2,
+        // The activation is quantized to i16 per 32-block (~1.5e-5 of each block's
+        // largest value).
+        _ => 1e-4,
     }
 }
 

@@ -1,16 +1,17 @@
 //! x86-64 kernels, chosen at run time.
 //!
-//! - AVX-512 (F/BW/VL + VNNI + BF16): hand-written. Quantized formats take `vpdpbusd`
-//!   (u8 x i8) dot products of the unsigned weight codes with the Q8 activation, two
-//!   32-blocks per 512-bit register, and fix the offset (`-8`, `-16`, `-32`, Q8_0's
-//!   `+128` bias) with the per-block activation sums. BF16 takes two `vdpbf16ps` per 32
-//!   weights (activation split into bf16 hi + lo).
-//! - AVX2 (+FMA, F16C): the portable kernels compiled for AVX2 (LLVM vectorizes them).
+//! - AVX-512 (F/BW/VL + VNNI + BF16): hand-written. Quantized formats widen the weight
+//!   codes to i16 (offsets `-8`, `-16`, `-32` applied exactly in i16) and take `vpdpwssd`
+//!   (i16 x i16 -> i32) dot products with the i16 activation, a pair of 32-blocks per
+//!   two 512-bit registers, then scale per block in f32. BF16 takes two `vdpbf16ps`
+//!   per 32 weights (activation split into bf16 hi + lo).
+//! - AVX2 (+FMA, F16C): the portable kernels compiled for AVX2 (LLVM vectorizes them;
+//!   the i16 dot products become `vpmaddwd`).
 use std::arch::x86_64::*;
 
 use samepage_abi::DType;
 
-use super::{portable, DotFn, XRow};
+use super::{portable, Dot4Fn, DotFn, XRow};
 use crate::Isa;
 
 pub(super) fn dot_fn(isa: Isa, dt: DType) -> Option<DotFn> {
@@ -42,6 +43,18 @@ pub(super) fn dot_fn(isa: Isa, dt: DType) -> Option<DotFn> {
             DType::U32 => return None,
         }),
         Isa::Portable => None,
+    }
+}
+
+/// Four consecutive weight rows against one activation row, for the 32-block formats on
+/// AVX-512 (the rows share the activation loads and the final reductions).
+pub(super) fn dot4_fn(isa: Isa, dt: DType) -> Option<Dot4Fn> {
+    match (isa, dt) {
+        (Isa::Avx512, DType::Q8_0) => Some(avx512::dot4_q8_0),
+        (Isa::Avx512, DType::Q4_0) => Some(avx512::dot4_q4_0),
+        (Isa::Avx512, DType::Q4_1) => Some(avx512::dot4_q4_1),
+        (Isa::Avx512, DType::Q5_0) => Some(avx512::dot4_q5_0),
+        _ => None,
     }
 }
 
@@ -103,25 +116,6 @@ mod avx512 {
         _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s))
     }
 
-    /// Two 16-byte nibble arrays (blocks A and B) as the 64 codes in activation order:
-    /// `[A lo, A hi, B lo, B hi]` (16 bytes each).
-    #[inline(always)]
-    unsafe fn nibbles2(a: *const u8, b: *const u8) -> __m512i {
-        let y = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(ld::<__m128i, _>(a)), ld::<__m128i, _>(b));
-        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y), _mm256_srli_epi16::<4>(y));
-        let z = _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
-        // [A lo, B lo, A hi, B hi] -> [A lo, A hi, B lo, B hi]
-        _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z)
-    }
-
-    /// One block's 16 nibbles as 32 codes `[lo, hi]`.
-    #[inline(always)]
-    unsafe fn nibbles1(a: *const u8) -> __m256i {
-        let x = ld::<__m128i, _>(a);
-        let y = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(x), _mm_srli_epi16::<4>(x));
-        _mm256_and_si256(y, _mm256_set1_epi8(0x0F))
-    }
-
     #[inline(always)]
     unsafe fn hsum256(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -136,118 +130,200 @@ mod avx512 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// The shared shape of the 32-block formats: `BB` bytes per block, codes from
-    /// `codes2`/`codes1`, and per block `dw * (dx * dot(codes, q) + OFF * ds)`, or with
-    /// a min (Q4_1) `dw * dx * dot + m * ds`.
+    /// 16 bytes at `a` then 16 at `b`.
     #[inline(always)]
-    unsafe fn dot_blocks32<const BB: usize>(
+    unsafe fn two16(a: *const u8, b: *const u8) -> __m256i {
+        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(ld::<__m128i, _>(a)), ld::<__m128i, _>(b))
+    }
+
+    /// The i32 dot of a block pair: codes `(c1, c2)` = `([A 0..16, B 0..16], [A 16..32,
+    /// B 16..32])` against the activation pair at `xq` (the `Q16Row` layout). Lanes 0-7
+    /// hold block A's partial sums, lanes 8-15 block B's, four products each.
+    #[inline(always)]
+    unsafe fn dot_pair(c1: __m512i, c2: __m512i, xq: *const i16) -> __m512 {
+        let dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), c1, ld::<__m512i, _>(xq));
+        _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(dot, c2, ld::<__m512i, _>(xq.add(32))))
+    }
+
+    /// The shared shape of the 32-block formats, a pair of blocks at a time, for `R`
+    /// consecutive weight rows (`rb` bytes apart) against one activation row (whose
+    /// loads the rows share): `BB` bytes per block, i16 codes from `codes2` (see
+    /// [`dot_pair`]), and per block `dw * dx * dot + m * ds` (`m`, the min, with `MIN`
+    /// only: Q4_1). An odd last block pairs with itself against the activation's zero
+    /// padding.
+    #[inline(always)]
+    unsafe fn dot_blocks32<const BB: usize, const MIN: bool, const R: usize>(
         w: *const u8,
+        rb: usize,
         x: &XRow,
-        codes2: impl Fn(*const u8, *const u8) -> __m512i,
-        codes1: impl Fn(*const u8) -> __m256i,
-        // (scale of the dot, coefficient of ds) per block from the block header.
+        codes2: impl Fn(*const u8, *const u8) -> (__m512i, __m512i),
+        // (scale, min) of blocks A and B as the low two lanes (the others zero).
         head: impl Fn(*const u8, *const u8) -> (__m128, __m128),
-    ) -> f32 {
-        let nb = x.q.d.len();
+    ) -> [f32; R] {
+        let nb = x.q.nb;
         let (qs, d, ds) = (x.q.qs.as_ptr(), x.q.d.as_ptr(), x.q.ds.as_ptr());
-        let mut acc = _mm512_setzero_ps();
-        let mut corr = _mm_setzero_ps();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut corr = [_mm_setzero_ps(); R];
         let mut b = 0;
-        while b + 2 <= nb {
-            let (pa, pb) = (w.add(b * BB), w.add((b + 1) * BB));
-            let codes = codes2(pa, pb);
-            let xq = ld::<__m512i, _>(qs.add(32 * b));
-            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xq);
-            let (sw, cw) = head(pa, pb);
-            let s = _mm_mul_ps(sw, f32x2(d.add(b)));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), spread2(s), acc);
-            corr = _mm_fmadd_ps(cw, f32x2(ds.add(b)), corr);
+        while b < nb {
+            let step = if b + 1 < nb { BB } else { 0 };
+            let (xq, dx) = (qs.add(32 * b), f32x2(d.add(b)));
+            let dsx = if MIN { f32x2(ds.add(b)) } else { _mm_setzero_ps() };
+            for r in 0..R {
+                let pa = w.add(r * rb + b * BB);
+                let pb = pa.add(step);
+                let (c1, c2) = codes2(pa, pb);
+                let dot = dot_pair(c1, c2, xq);
+                let (sw, mw) = head(pa, pb);
+                acc[r] = _mm512_fmadd_ps(dot, spread2(_mm_mul_ps(sw, dx)), acc[r]);
+                if MIN {
+                    corr[r] = _mm_fmadd_ps(mw, dsx, corr[r]);
+                }
+            }
             b += 2;
         }
-        let mut tail = 0.0f32;
-        if b < nb {
-            let pa = w.add(b * BB);
-            let codes = codes1(pa);
-            let xq = ld::<__m256i, _>(qs.add(32 * b));
-            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, xq);
-            let (sw, cw) = head(pa, pa);
-            let isum = hsum256(_mm256_cvtepi32_ps(dot));
-            tail = _mm_cvtss_f32(sw) * *d.add(b) * isum + _mm_cvtss_f32(cw) * *ds.add(b);
+        let mut out = [0.0f32; R];
+        if R == 4 {
+            // Four horizontal sums at once.
+            let h = |v: __m512| {
+                _mm_add_ps(
+                    _mm_add_ps(_mm512_castps512_ps128(v), _mm512_extractf32x4_ps::<1>(v)),
+                    _mm_add_ps(_mm512_extractf32x4_ps::<2>(v), _mm512_extractf32x4_ps::<3>(v)),
+                )
+            };
+            let mut v = [_mm_setzero_ps(); 4];
+            for r in 0..4 {
+                v[r] = _mm_add_ps(h(acc[r]), corr[r]);
+            }
+            let s = _mm_hadd_ps(_mm_hadd_ps(v[0], v[1]), _mm_hadd_ps(v[2], v[3]));
+            _mm_storeu_ps(out.as_mut_ptr(), s);
+        } else {
+            for r in 0..R {
+                out[r] = _mm512_reduce_add_ps(acc[r]) + if MIN { hsum128(corr[r]) } else { 0.0 };
+            }
         }
-        // Only the low two lanes of `corr` are meaningful.
-        let corr = _mm_castsi128_ps(_mm_move_epi64(_mm_castps_si128(corr)));
-        _mm512_reduce_add_ps(acc) + hsum128(corr) + tail
+        out
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0(w: *const u8, _rb: usize, x: &XRow) -> f32 {
-        let bias = _mm512_set1_epi8(-128);
-        dot_blocks32::<34>(
+    /// One f16 scale per block, no min.
+    #[inline(always)]
+    unsafe fn head_d(a: *const u8, b: *const u8) -> (__m128, __m128) {
+        (f16x2(f16_at(a), f16_at(b)), _mm_setzero_ps())
+    }
+
+    /// |dot| per block <= 128 * 32767 * 32 < 2^31.
+    #[inline(always)]
+    unsafe fn q8_0_rows<const R: usize>(w: *const u8, rb: usize, x: &XRow) -> [f32; R] {
+        dot_blocks32::<34, false, R>(
             w,
+            rb,
             x,
-            // w + 128 as u8; the 128 * sum(q) is taken back through ds.
             |a, b| {
-                let y = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(ld::<__m256i, _>(a.add(2))),
-                    ld::<__m256i, _>(b.add(2)),
-                );
-                _mm512_xor_si512(y, bias)
+                (
+                    _mm512_cvtepi8_epi16(two16(a.add(2), b.add(2))),
+                    _mm512_cvtepi8_epi16(two16(a.add(18), b.add(18))),
+                )
             },
-            |a| _mm256_xor_si256(ld::<__m256i, _>(a.add(2)), _mm512_castsi512_si256(bias)),
-            |a, b| {
-                let dw = f16x2(f16_at(a), f16_at(b));
-                (dw, _mm_mul_ps(dw, _mm_set1_ps(-128.0)))
-            },
+            |a, b| head_d(a, b),
         )
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub(super) unsafe fn dot_q4_0(w: *const u8, _rb: usize, x: &XRow) -> f32 {
-        dot_blocks32::<18>(
+    /// 16 nibble bytes of blocks A and B as i16 codes `([A lo, B lo], [A hi, B hi])`
+    /// minus `off`.
+    #[inline(always)]
+    unsafe fn nibbles_pair(a: *const u8, b: *const u8, off: i16) -> (__m512i, __m512i) {
+        let z = _mm512_cvtepu8_epi16(two16(a, b));
+        let lo = _mm512_and_si512(z, _mm512_set1_epi16(0x0F));
+        let hi = _mm512_srli_epi16::<4>(z);
+        if off == 0 {
+            (lo, hi)
+        } else {
+            let o = _mm512_set1_epi16(off);
+            (_mm512_sub_epi16(lo, o), _mm512_sub_epi16(hi, o))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q4_0_rows<const R: usize>(w: *const u8, rb: usize, x: &XRow) -> [f32; R] {
+        dot_blocks32::<18, false, R>(
             w,
+            rb,
             x,
-            |a, b| nibbles2(a.add(2), b.add(2)),
-            |a| nibbles1(a.add(2)),
-            |a, b| {
-                let dw = f16x2(f16_at(a), f16_at(b));
-                (dw, _mm_mul_ps(dw, _mm_set1_ps(-8.0)))
-            },
+            |a, b| nibbles_pair(a.add(2), b.add(2), 8),
+            |a, b| head_d(a, b),
         )
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1(w: *const u8, _rb: usize, x: &XRow) -> f32 {
-        dot_blocks32::<20>(
+    #[inline(always)]
+    unsafe fn q4_1_rows<const R: usize>(w: *const u8, rb: usize, x: &XRow) -> [f32; R] {
+        dot_blocks32::<20, true, R>(
             w,
+            rb,
             x,
-            |a, b| nibbles2(a.add(4), b.add(4)),
-            |a| nibbles1(a.add(4)),
+            |a, b| nibbles_pair(a.add(4), b.add(4), 0),
             |a, b| (f16x2(f16_at(a), f16_at(b)), f16x2(f16_at(a.add(2)), f16_at(b.add(2)))),
         )
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub(super) unsafe fn dot_q5_0(w: *const u8, _rb: usize, x: &XRow) -> f32 {
-        let hb = _mm512_set1_epi8(0x10);
-        dot_blocks32::<22>(
+    #[inline(always)]
+    unsafe fn q5_0_rows<const R: usize>(w: *const u8, rb: usize, x: &XRow) -> [f32; R] {
+        let k16 = _mm512_set1_epi16(16);
+        dot_blocks32::<22, false, R>(
             w,
+            rb,
             x,
             |a, b| {
-                let qa = ld::<u32, _>(a.add(2)) as u64;
-                let qb = ld::<u32, _>(b.add(2)) as u64;
-                let n = nibbles2(a.add(6), b.add(6));
-                _mm512_mask_add_epi8(n, qa | qb << 32, n, hb)
+                let (qa, qb) = (ld::<u32, _>(a.add(2)), ld::<u32, _>(b.add(2)));
+                // Fifth bits of [A lo, B lo] and [A hi, B hi]; codes without it lose 16.
+                let (m1, m2) = ((qa & 0xFFFF) | (qb << 16), (qa >> 16) | (qb & 0xFFFF_0000));
+                let (lo, hi) = nibbles_pair(a.add(6), b.add(6), 0);
+                (
+                    _mm512_mask_sub_epi16(lo, !m1, lo, k16),
+                    _mm512_mask_sub_epi16(hi, !m2, hi, k16),
+                )
             },
-            |a| {
-                let qa = ld::<u32, _>(a.add(2));
-                let n = nibbles1(a.add(6));
-                _mm256_mask_add_epi8(n, qa, n, _mm512_castsi512_si256(hb))
-            },
-            |a, b| {
-                let dw = f16x2(f16_at(a), f16_at(b));
-                (dw, _mm_mul_ps(dw, _mm_set1_ps(-16.0)))
-            },
+            |a, b| head_d(a, b),
         )
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0(w: *const u8, _rb: usize, x: &XRow) -> f32 {
+        q8_0_rows::<1>(w, 0, x)[0]
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn dot4_q8_0(w: *const u8, rb: usize, x: &XRow, out: &mut [f32; 4]) {
+        *out = q8_0_rows::<4>(w, rb, x);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn dot_q4_0(w: *const u8, _rb: usize, x: &XRow) -> f32 {
+        q4_0_rows::<1>(w, 0, x)[0]
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn dot4_q4_0(w: *const u8, rb: usize, x: &XRow, out: &mut [f32; 4]) {
+        *out = q4_0_rows::<4>(w, rb, x);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn dot_q4_1(w: *const u8, _rb: usize, x: &XRow) -> f32 {
+        q4_1_rows::<1>(w, 0, x)[0]
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn dot4_q4_1(w: *const u8, rb: usize, x: &XRow, out: &mut [f32; 4]) {
+        *out = q4_1_rows::<4>(w, rb, x);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn dot_q5_0(w: *const u8, _rb: usize, x: &XRow) -> f32 {
+        q5_0_rows::<1>(w, 0, x)[0]
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn dot4_q5_0(w: *const u8, rb: usize, x: &XRow, out: &mut [f32; 4]) {
+        *out = q5_0_rows::<4>(w, rb, x);
     }
 
     /// The eight 6-bit (scale, min) pairs of a Q4_K/Q5_K block as f32 vectors.
@@ -265,15 +341,23 @@ mod avx512 {
         (cvt(&sc), cvt(&mn))
     }
 
-    /// Q4_K and Q5_K: per super-block, `d * sum_j sc_j dx_j dot_j - dmin * sum_j m_j ds_j`.
+    /// Lanes 0-7 = `i`, lanes 8-15 = `i + 1`: picks a pair's two scales.
+    #[inline(always)]
+    unsafe fn pair_idx(i: i32) -> __m512i {
+        _mm512_add_epi32(
+            _mm512_set1_epi32(i),
+            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+        )
+    }
+
+    /// Q4_K and Q5_K: per super-block, `d * sum_j sc_j dx_j dot_j - dmin * sum_j m_j ds_j`
+    /// (|dot_j| <= 31 * 32767 * 32).
     #[inline(always)]
     unsafe fn dot_k4<const BB: usize, const Q5: bool>(w: *const u8, x: &XRow) -> f32 {
-        let nb = x.q.d.len() / 8;
+        let nb = x.q.nb / 8;
         let (qs, d, ds) = (x.q.qs.as_ptr(), x.q.d.as_ptr(), x.q.ds.as_ptr());
-        let low = _mm512_set1_epi8(0x0F);
-        let hb = _mm512_set1_epi8(0x10);
-        // Nibble shift per 256-bit half: low nibbles (sub-block 2j), high (2j+1).
-        let shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+        let low = _mm512_set1_epi16(0x0F);
+        let k16 = _mm512_set1_epi16(16);
         let mut acc = _mm512_setzero_ps();
         let mut mins = _mm256_setzero_ps();
         for b in 0..nb {
@@ -289,45 +373,27 @@ mod avx512 {
                 mins,
             );
             let q = blk.add(if Q5 { 48 } else { 16 });
-            let qh = _mm512_broadcast_i64x4(ld::<__m256i, _>(blk.add(16)));
+            let qh = if Q5 {
+                _mm512_cvtepu8_epi16(ld::<__m256i, _>(blk.add(16)))
+            } else {
+                _mm512_setzero_si512()
+            };
             let mut bacc = _mm512_setzero_ps();
             for j in 0..4 {
-                let y = _mm512_broadcast_i64x4(ld::<__m256i, _>(q.add(32 * j)));
-                let mut codes = _mm512_and_si512(_mm512_srlv_epi64(y, shift), low);
+                // Sub-blocks 2j (low nibbles) and 2j + 1 (high), each in order.
+                let z = _mm512_cvtepu8_epi16(ld::<__m256i, _>(q.add(32 * j)));
+                let mut lo = _mm512_and_si512(z, low);
+                let mut hi = _mm512_srli_epi16::<4>(z);
                 if Q5 {
-                    let bits = _mm512_set_epi64(
-                        0x0202_0202_0202_0202 << (2 * j),
-                        0x0202_0202_0202_0202 << (2 * j),
-                        0x0202_0202_0202_0202 << (2 * j),
-                        0x0202_0202_0202_0202 << (2 * j),
-                        0x0101_0101_0101_0101 << (2 * j),
-                        0x0101_0101_0101_0101 << (2 * j),
-                        0x0101_0101_0101_0101 << (2 * j),
-                        0x0101_0101_0101_0101 << (2 * j),
-                    );
-                    codes = _mm512_mask_add_epi8(codes, _mm512_test_epi8_mask(qh, bits), codes, hb);
+                    let m_lo = _mm512_test_epi16_mask(qh, _mm512_set1_epi16(1 << (2 * j)));
+                    let m_hi = _mm512_test_epi16_mask(qh, _mm512_set1_epi16(2 << (2 * j)));
+                    lo = _mm512_mask_add_epi16(lo, m_lo, lo, k16);
+                    hi = _mm512_mask_add_epi16(hi, m_hi, hi, k16);
                 }
-                let xq = ld::<__m512i, _>(qs.add(256 * b + 64 * j));
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xq);
-                let idx = _mm512_set_epi32(
-                    2 * j as i32 + 1,
-                    2 * j as i32 + 1,
-                    2 * j as i32 + 1,
-                    2 * j as i32 + 1,
-                    2 * j as i32 + 1,
-                    2 * j as i32 + 1,
-                    2 * j as i32 + 1,
-                    2 * j as i32 + 1,
-                    2 * j as i32,
-                    2 * j as i32,
-                    2 * j as i32,
-                    2 * j as i32,
-                    2 * j as i32,
-                    2 * j as i32,
-                    2 * j as i32,
-                    2 * j as i32,
-                );
-                bacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, s8), bacc);
+                let c1 = _mm512_shuffle_i64x2::<0b01_00_01_00>(lo, hi);
+                let c2 = _mm512_shuffle_i64x2::<0b11_10_11_10>(lo, hi);
+                let dot = dot_pair(c1, c2, qs.add(256 * b + 64 * j));
+                bacc = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(pair_idx(2 * j as i32), s8), bacc);
             }
             acc = _mm512_fmadd_ps(_mm512_set1_ps(dw), bacc, acc);
         }
@@ -344,75 +410,68 @@ mod avx512 {
         dot_k4::<176, true>(w, x)
     }
 
-    /// Q6_K: per super-block `d * sum_i sc_i dx_(i/2) (dot_i - 32 sum16_i)` over 16
-    /// groups of 16.
+    /// Q6_K: per super-block `d * sum_i dx_(i/2) dot_i` over the eight 32-blocks, where
+    /// the codes `q - 32` are multiplied by their 16-group's i8 scale in i16 first
+    /// (|32 * 128| = 4096; a lane sums four products: 4 * 4096 * 32767 < 2^31).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
     pub(super) unsafe fn dot_q6_k(w: *const u8, _rb: usize, x: &XRow) -> f32 {
-        let nb = x.q.d.len() / 8;
-        let (qs, d, s16) = (x.q.qs.as_ptr(), x.q.d.as_ptr(), x.q.sum16.as_ptr());
-        let low = _mm512_set1_epi8(0x0F);
-        let three0 = _mm512_set1_epi8(0x30);
-        let dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        let nb = x.q.nb / 8;
+        let (qs, d) = (x.q.qs.as_ptr(), x.q.d.as_ptr());
+        let low = _mm512_set1_epi16(0x0F);
+        let three = _mm512_set1_epi16(3);
+        let k32 = _mm512_set1_epi16(32);
+        // Lanes 0-15 = i, 16-31 = i + 1: the two scales of a 32-block.
+        let sc_idx = |i: i16| {
+            _mm512_add_epi16(
+                _mm512_set1_epi16(i),
+                _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(1)),
+            )
+        };
         let mut acc = _mm512_setzero_ps();
-        let mut corr = _mm512_setzero_ps();
         for b in 0..nb {
             let blk = w.add(b * 210);
             let dw = _mm512_set1_ps(_mm_cvtss_f32(f16x2(f16_at(blk.add(208)), 0)));
-            let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ld::<__m128i, _>(blk.add(192))));
-            let dx = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(ld::<__m256, _>(d.add(8 * b))));
-            let sdx = _mm512_mul_ps(sc, dx);
-            let sums = _mm512_cvtepi32_ps(ld::<__m512i, _>(s16.add(16 * b)));
-            corr = _mm512_fmadd_ps(dw, _mm512_mul_ps(sdx, sums), corr);
+            let sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(ld::<__m128i, _>(blk.add(192))));
             let mut bacc = _mm512_setzero_ps();
             for h in 0..2 {
-                let ql = ld::<__m512i, _>(blk.add(64 * h));
-                let qh = _mm512_broadcast_i64x4(ld::<__m256i, _>(blk.add(128 + 32 * h)));
-                for part in 0..2 {
-                    let lo4 = if part == 0 {
-                        _mm512_and_si512(ql, low)
-                    } else {
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low)
+                let za = _mm512_cvtepu8_epi16(ld::<__m256i, _>(blk.add(64 * h)));
+                let zb = _mm512_cvtepu8_epi16(ld::<__m256i, _>(blk.add(64 * h + 32)));
+                let hz = _mm512_cvtepu8_epi16(ld::<__m256i, _>(blk.add(128 + 32 * h)));
+                // The four 32-blocks of this half, each in order.
+                let g = [
+                    _mm512_or_si512(
+                        _mm512_and_si512(za, low),
+                        _mm512_slli_epi16::<4>(_mm512_and_si512(hz, three)),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_and_si512(zb, low),
+                        _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<2>(hz), three)),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_srli_epi16::<4>(za),
+                        _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(hz), three)),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_srli_epi16::<4>(zb),
+                        _mm512_slli_epi16::<4>(_mm512_srli_epi16::<6>(hz)),
+                    ),
+                ];
+                for p in 0..2 {
+                    let scaled = |i: usize| {
+                        let s = _mm512_permutexvar_epi16(sc_idx((8 * h + 2 * i) as i16), sc);
+                        _mm512_mullo_epi16(_mm512_sub_epi16(g[i], k32), s)
                     };
-                    // High bits: (qh >> (4 part + 2 half)) & 3, moved to bits 4-5.
-                    let sh = _mm512_set_epi64(
-                        4 * part as i64 + 2,
-                        4 * part as i64 + 2,
-                        4 * part as i64 + 2,
-                        4 * part as i64 + 2,
-                        4 * part as i64,
-                        4 * part as i64,
-                        4 * part as i64,
-                        4 * part as i64,
-                    );
-                    let hi2 = _mm512_and_si512(_mm512_slli_epi16::<4>(_mm512_srlv_epi64(qh, sh)), three0);
-                    let codes = _mm512_or_si512(lo4, hi2);
-                    let xq = ld::<__m512i, _>(qs.add(256 * b + 128 * h + 64 * part));
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xq);
-                    let g = (8 * h + 4 * part) as i32;
-                    let idx = _mm512_set_epi32(
-                        g + 3,
-                        g + 3,
-                        g + 3,
-                        g + 3,
-                        g + 2,
-                        g + 2,
-                        g + 2,
-                        g + 2,
-                        g + 1,
-                        g + 1,
-                        g + 1,
-                        g + 1,
-                        g,
-                        g,
-                        g,
-                        g,
-                    );
-                    bacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, sdx), bacc);
+                    let (ga, gb) = (scaled(2 * p), scaled(2 * p + 1));
+                    let c1 = _mm512_shuffle_i64x2::<0b01_00_01_00>(ga, gb);
+                    let c2 = _mm512_shuffle_i64x2::<0b11_10_11_10>(ga, gb);
+                    let sb = 8 * b + 4 * h + 2 * p;
+                    let dot = dot_pair(c1, c2, qs.add(32 * sb));
+                    bacc = _mm512_fmadd_ps(dot, spread2(f32x2(d.add(sb))), bacc);
                 }
             }
             acc = _mm512_fmadd_ps(dw, bacc, acc);
         }
-        _mm512_reduce_add_ps(acc) - 32.0 * _mm512_reduce_add_ps(corr)
+        _mm512_reduce_add_ps(acc)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]

@@ -266,19 +266,42 @@ fn chat_keeps_the_kv_cache_between_turns() {
     use std::io::Write;
     let m = smollm2();
     let mut child = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(["chat", "-m", m.to_str().unwrap(), "--temp", "0", "-n", "8", "--ctx", "512"])
+        .args([
+            "chat",
+            "-m",
+            m.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "8",
+            "--ctx",
+            "512",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd of Italy?\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let turns: Vec<&str> = err.lines().filter(|l| l.contains("generation")).collect();
     assert_eq!(turns.len(), 2, "{err}");
     // The second turn re-renders the conversation; only the new part is prefilled.
-    let cached: u64 = turns[1].split(" cached").next().unwrap().rsplit('(').next().unwrap().parse().unwrap();
+    let cached: u64 = turns[1]
+        .split(" cached")
+        .next()
+        .unwrap()
+        .rsplit('(')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(cached > 20, "second turn reused only {cached} tokens: {}", turns[1]);
 }

@@ -43,7 +43,8 @@ fn logits_match_the_float64_reference() {
         let got = s.forward(&tokens, 0, false).unwrap().pop().unwrap();
         let e = rel_err(&got, want);
         eprintln!("{}: {} tokens, normalised logit error {e:.2e}", p["name"], tokens.len());
-        assert!(e < 3e-2, "{}: normalised error {e} >= 3e-2", p["name"]);
+        // The issue allows 3e-2 for quantized activations; i16 activations give ~2e-4.
+        assert!(e < 2e-3, "{}: normalised error {e} >= 2e-3", p["name"]);
         let argmax = got.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
         assert_eq!(
             argmax as u64,
@@ -64,17 +65,16 @@ fn tokenization_of_the_reference_prompts() {
     }
 }
 
-/// Greedy decoding through the recorded decode graph matches the reference's greedy
-/// tokens. Where the reference's top-2 logit gap is tiny, a Q8-activation kernel may
-/// legitimately pick the other token, so the comparison stops at the first step whose gap
-/// is below 0.1 (none of the reference's 16 steps are).
+/// Greedy decoding through the recorded decode graph reproduces the reference's greedy
+/// tokens exactly. When the reference stopped at the end-of-turn token, generation must
+/// stop there too (samepage reports the text and tokens without the end-of-turn token).
 #[test]
 fn greedy_tokens_match_the_reference() {
     let (j, _) = reference();
     let mut s = session();
     for p in j["prompts"].as_array().unwrap() {
-        let want = ids(&p["greedy"]["ids"]);
-        let gaps: Vec<f64> = serde_json::from_value(p["greedy"]["top1_minus_top2_logit"].clone()).unwrap();
+        let mut want = ids(&p["greedy"]["ids"]);
+        let stopped = p["greedy"]["stopped_at_eos"].as_bool().unwrap();
         let opts = GenOptions {
             max_tokens: want.len() as u32,
             temperature: 0.0,
@@ -83,15 +83,11 @@ fn greedy_tokens_match_the_reference() {
         let g = s
             .generate(json!({"tokens": ids(&p["ids"])}), &opts, false, |_| false)
             .unwrap();
-        let n = gaps.iter().position(|g| *g < 0.1).unwrap_or(want.len());
-        eprintln!("{}: got {:?}\n{}: want {:?}", p["name"], g.tokens, p["name"], want);
-        assert_eq!(
-            &g.tokens[..n.min(g.tokens.len())],
-            &want[..n.min(want.len())],
-            "{}",
-            p["name"]
-        );
-        assert_eq!(g.tokens.len(), want.len(), "{}: length", p["name"]);
+        if stopped {
+            want.pop();
+            assert_eq!(g.finish_reason, "stop", "{}", p["name"]);
+        }
+        assert_eq!(g.tokens, want, "{}", p["name"]);
     }
 }
 
