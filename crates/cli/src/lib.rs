@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use samepage_backend::Backend;
-use samepage_runtime::{HostConfig, Instance, Runtime};
+use samepage_runtime::{HostConfig, Instance, Module, Runtime};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -131,6 +131,29 @@ pub struct Message {
 
 type Sink = Arc<Mutex<Option<Box<dyn FnMut(&str) -> bool + Send>>>>;
 
+/// A backend and the compiled guest, shared by several [`Session`]s (the server's
+/// workers): on the CPU one thread pool serves them all, instead of one pool each
+/// competing for the same cores.
+pub struct Host {
+    runtime: Runtime,
+    module: Module,
+    pub backend: String,
+}
+
+impl Host {
+    pub fn new(backend_name: &str) -> Result<Host> {
+        let backend = backend(backend_name)?;
+        let name = backend.name().to_string();
+        let runtime = Runtime::new(backend)?;
+        let module = runtime.compile(&guest_wasm()?)?;
+        Ok(Host {
+            runtime,
+            module,
+            backend: name,
+        })
+    }
+}
+
 /// One guest instance with a model loaded.
 pub struct Session {
     instance: Instance,
@@ -163,15 +186,24 @@ impl Session {
     /// Start a guest on the chosen backend and load the model at `path` (a .gguf file or
     /// a Hugging Face directory). `progress` receives `(done, total)` bytes while loading.
     pub fn load(path: &Path, opts: &LoadOptions, progress: Option<Box<dyn FnMut(u64, u64) + Send>>) -> Result<Session> {
+        let host = Host::new(&opts.backend)?;
+        Session::load_on(&host, path, opts, progress)
+    }
+
+    /// Like [`Session::load`], on a [`Host`] shared with other sessions (one backend,
+    /// one compiled guest; `opts.backend` is ignored).
+    pub fn load_on(
+        shared: &Host,
+        path: &Path,
+        opts: &LoadOptions,
+        progress: Option<Box<dyn FnMut(u64, u64) + Send>>,
+    ) -> Result<Session> {
         std::fs::metadata(path).map_err(|e| anyhow!("cannot open the model {}: {e}", path.display()))?;
         let path: PathBuf = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        let backend = backend(&opts.backend)?;
-        let backend_name = backend.name().to_string();
-        let runtime = Runtime::new(backend)?;
-        let module = runtime.compile(&guest_wasm()?)?;
+        let backend_name = shared.backend.clone();
         let mut host = HostConfig::default();
         host.grant(&path);
-        let mut instance = Instance::new(&runtime, &module, host)?;
+        let mut instance = Instance::new(&shared.runtime, &shared.module, host)?;
 
         let sink: Sink = Arc::new(Mutex::new(None));
         let sink2 = sink.clone();
@@ -268,7 +300,7 @@ impl Session {
         let rows = v["rows"].as_u64().context("forward: no rows")? as usize;
         let cols = v["cols"].as_u64().context("forward: no cols")? as usize;
         let mem = self.instance.region().mem();
-        if !mem.contains(off, rows * cols * 4) || off % 4 != 0 {
+        if !mem.contains(off, rows * cols * 4) || !off.is_multiple_of(4) {
             bail!("the guest returned logits outside its memory");
         }
         // SAFETY: the range was checked to lie inside the region, aligned; the guest is
@@ -285,5 +317,55 @@ impl Session {
     /// The runtime instance (for zero-copy checks in tests).
     pub fn instance(&self) -> &Instance {
         &self.instance
+    }
+
+    /// The tokens `generate` would prefill for `input` (a JSON object with `prompt`,
+    /// `messages` or `tokens`) on a fresh cache.
+    pub fn prompt_tokens(&mut self, input: Value) -> Result<Vec<u32>> {
+        let mut req = input;
+        req["cmd"] = "prompt_tokens".into();
+        let v = self.call(req)?;
+        Ok(serde_json::from_value(v["tokens"].clone())?)
+    }
+
+    /// Where the KV cache lies in guest memory and what it holds.
+    pub fn kv_layout(&mut self) -> Result<samepage_server::snapshot::Layout> {
+        samepage_server::snapshot::Layout::of(self)
+    }
+
+    /// Write the KV cache (every cached token and the pending one) to a safetensors
+    /// snapshot at `path`, straight from guest memory. `extra` goes into its metadata.
+    pub fn save_session(&mut self, path: &Path, extra: &[(&str, String)]) -> Result<samepage_server::snapshot::Saved> {
+        samepage_server::snapshot::save(self, path, extra)
+    }
+
+    /// Check the snapshot at `path` (format, CRC, same model, fits the context) and put
+    /// it into the KV cache, straight into guest memory. A refused file leaves the cache
+    /// as it was. Returns the snapshot (its tokens and metadata).
+    pub fn load_session(&mut self, path: &Path) -> Result<samepage_server::snapshot::Snapshot> {
+        let snap = samepage_server::snapshot::Snapshot::open(path)?;
+        snap.restore(self, None)?;
+        Ok(snap)
+    }
+}
+
+impl samepage_server::Worker for Session {
+    fn call(&mut self, req: Value) -> Result<Value> {
+        Session::call(self, req)
+    }
+
+    fn generate(&mut self, req: Value, on_text: Box<dyn FnMut(&str) -> bool + Send>) -> Result<Value> {
+        *self.sink.lock().unwrap() = Some(on_text);
+        let r = Session::call(self, req);
+        *self.sink.lock().unwrap() = None;
+        r
+    }
+
+    fn mem(&self) -> samepage_backend::Mem {
+        self.instance.region().mem()
+    }
+
+    fn model(&self) -> Value {
+        self.model.clone()
     }
 }

@@ -27,6 +27,9 @@ enum Cmd {
     Run(RunArgs),
     /// Interactive multi-turn chat; the KV cache is kept between turns.
     Chat(RunArgs),
+    /// An OpenAI-compatible HTTP server (chat and text completions, streamed or not,
+    /// KV-cache session snapshots).
+    Serve(ServeArgs),
     /// Print the token ids of a text.
     Tokenize {
         #[arg(long, short)]
@@ -54,6 +57,35 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         backend: String,
     },
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// A .gguf file or a Hugging Face model directory.
+    #[arg(long, short)]
+    model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Compute backend: auto, cpu, cuda, vulkan, metal, wgpu.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Requests generating at once (worker sessions, each with its own KV cache).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// Context length of each worker (default: the model's, capped at 4096).
+    #[arg(long, default_value_t = 0)]
+    ctx: u32,
+    /// Requests that may wait for a worker; more are refused with 503.
+    #[arg(long, default_value_t = 128)]
+    queue: usize,
+    /// The model id clients use (default: the file name without extension).
+    #[arg(long)]
+    alias: Option<String>,
+    /// Where session snapshots are kept (default: ~/.cache/samepage/sessions).
+    #[arg(long)]
+    session_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -98,6 +130,14 @@ struct RunArgs {
     /// Compute backend: auto, cpu, cuda, vulkan, metal, wgpu.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// Write the KV cache (and, for chat, the conversation) to this safetensors file
+    /// after generating (after every turn in chat).
+    #[arg(long)]
+    save_session: Option<PathBuf>,
+    /// Start from the KV cache (and, for chat, the conversation) in this file: the
+    /// prompt's prefix that it holds is not computed again.
+    #[arg(long)]
+    load_session: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -122,6 +162,7 @@ fn main() {
         Cmd::Run(a) if a.chat => chat(a),
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat(a),
+        Cmd::Serve(a) => serve(a),
         Cmd::Tokenize { model, no_bos, text } => tokenize(&model, no_bos, &text),
         Cmd::Inspect { path } => inspect(&path),
         Cmd::Bench {
@@ -240,6 +281,9 @@ fn summary(load_s: f64, g: &samepage::Generation) {
 fn run(a: RunArgs) -> Result<()> {
     let prompt = read_prompt(&a)?;
     let (mut s, load_s) = load(&a.model, &a.backend, a.ctx, false)?;
+    if let Some(p) = &a.load_session {
+        restore_session(&mut s, p)?;
+    }
     let input = if a.raw || s.model["chat_template"] == Value::Bool(false) && a.system.is_none() {
         json!({ "prompt": prompt })
     } else {
@@ -248,7 +292,95 @@ fn run(a: RunArgs) -> Result<()> {
     let g = s.generate(input, &a.gen_options(), false, print_stream)?;
     println!();
     summary(load_s, &g);
+    if let Some(p) = &a.save_session {
+        save_session(&mut s, p, None)?;
+    }
     Ok(())
+}
+
+fn restore_session(s: &mut Session, path: &Path) -> Result<samepage_server::snapshot::Snapshot> {
+    let t = Instant::now();
+    let snap = s.load_session(path)?;
+    eprintln!(
+        "restored {} cached tokens from {} in {:.1} ms",
+        snap.tokens.len(),
+        path.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(snap)
+}
+
+fn save_session(s: &mut Session, path: &Path, history: Option<&[Message]>) -> Result<()> {
+    let t = Instant::now();
+    let extra: Vec<(&str, String)> = match history {
+        Some(h) => vec![("messages", serde_json::to_string(h)?)],
+        None => vec![],
+    };
+    let saved = s.save_session(path, &extra)?;
+    eprintln!(
+        "saved {} cached tokens ({:.1} MiB) to {} in {:.1} ms",
+        saved.tokens,
+        saved.bytes as f64 / (1u64 << 20) as f64,
+        path.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("samepage_server=info"))
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    std::fs::metadata(&a.model).with_context(|| format!("cannot open the model {}", a.model.display()))?;
+    let host = std::sync::Arc::new(samepage::Host::new(&a.backend)?);
+    let model_id = a.alias.clone().unwrap_or_else(|| {
+        let n = a
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        n.strip_suffix(".gguf").map(str::to_string).unwrap_or(n)
+    });
+    let session_dir = match &a.session_dir {
+        Some(d) => d.clone(),
+        None => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(".cache/samepage/sessions"),
+    };
+    let (path, ctx) = (a.model.clone(), a.ctx);
+    let factory: samepage_server::Factory = std::sync::Arc::new(move |vocab_only| {
+        let opts = LoadOptions {
+            backend: String::new(),
+            ctx,
+            vocab_only,
+        };
+        Ok(Box::new(Session::load_on(&host, &path, &opts, None)?) as Box<dyn samepage_server::Worker>)
+    });
+    let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(a.host.as_str(), a.port))
+                .ok()
+                .and_then(|mut i| i.next())
+                .ok_or(())
+        })
+        .map_err(|_| anyhow::anyhow!("cannot resolve --host {}", a.host))?;
+    let cfg = samepage_server::Config {
+        model_id,
+        parallel: a.parallel,
+        queue: a.queue,
+        session_dir,
+    };
+    samepage_server::run(cfg, factory, addr)
 }
 
 fn chat(a: RunArgs) -> Result<()> {
@@ -260,7 +392,13 @@ fn chat(a: RunArgs) -> Result<()> {
         s.backend
     );
     let mut history: Vec<Message> = Vec::new();
-    if let Some(sys) = &a.system {
+    if let Some(p) = &a.load_session {
+        let snap = restore_session(&mut s, p)?;
+        if let Some(m) = snap.extra("messages") {
+            history = serde_json::from_str(m).context("the session's conversation is malformed")?;
+        }
+    }
+    if let Some(sys) = a.system.as_ref().filter(|_| history.is_empty()) {
         history.push(Message {
             role: "system".into(),
             content: sys.clone(),
@@ -299,6 +437,9 @@ fn chat(a: RunArgs) -> Result<()> {
             role: "assistant".into(),
             content: g.text,
         });
+        if let Some(p) = &a.save_session {
+            save_session(&mut s, p, Some(&history))?;
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::loader::{self, Loaded};
 use crate::model::{self, Config, Model, State};
 use crate::sampler::{self, Sampling};
+use crate::snapshot;
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 
@@ -20,6 +21,8 @@ struct App {
     model: Option<Model>,
     state: Option<State>,
     info: Value,
+    /// The model's identity for snapshots ([`snapshot::model_hash`]), 0 when vocab-only.
+    hash: u64,
     /// File metadata and the tensor list, for `inspect`.
     details: Value,
 }
@@ -75,6 +78,21 @@ fn dispatch(v: Value) -> Result<Value, String> {
                 Ok(json!({ "text": app.template.render(&r.messages, r.add_generation_prompt)? }))
             }
             "generate" => generate(app, parse(&cmd, v)?),
+            "prompt_tokens" => {
+                let r: GenerateReq = parse(&cmd, v)?;
+                let appending = r.keep_cache && app.state.as_ref().is_some_and(|s| !s.tokens.is_empty());
+                Ok(json!({ "tokens": prompt_tokens(app, &r, appending)? }))
+            }
+            "kv_layout" => {
+                let hash = app.hash;
+                let (model, s, _, _) = need_model(app)?;
+                Ok(snapshot::layout(&model.cfg, s, hash))
+            }
+            "kv_restore" => {
+                let r: RestoreReq = parse(&cmd, v)?;
+                let (_, s, _, vocab) = need_model(app)?;
+                snapshot::restore(s, vocab, r.tokens, r.pending)
+            }
             "forward" => forward(app, parse(&cmd, v)?),
             "reset" => {
                 if let Some(s) = app.state.as_mut() {
@@ -86,6 +104,13 @@ fn dispatch(v: Value) -> Result<Value, String> {
             other => Err(format!("unknown command {other:?}")),
         }
     })
+}
+
+#[derive(Deserialize)]
+struct RestoreReq {
+    tokens: Vec<u32>,
+    #[serde(default)]
+    pending: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -136,8 +161,9 @@ fn load(r: LoadReq) -> Result<App, String> {
         }
         None => (None, None),
     };
+    let hash = model.as_ref().map_or(0, snapshot::model_hash);
     let info = json!({
-        "arch": cfg.arch, "name": cfg.name, "n_layers": cfg.n_layers, "dim": cfg.dim,
+        "model_hash": format!("{hash:016x}"), "arch": cfg.arch, "name": cfg.name, "n_layers": cfg.n_layers, "dim": cfg.dim,
         "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn": cfg.ffn,
         "vocab": cfg.vocab, "ctx": ctx, "ctx_max": cfg.ctx_max, "weights_bytes": weights_bytes,
         "tensor_types": tensor_types, "bos": tok.bos, "eos": tok.eos, "chat_template": has_template,
@@ -150,6 +176,7 @@ fn load(r: LoadReq) -> Result<App, String> {
         model,
         state,
         info,
+        hash,
         details,
     })
 }
@@ -308,19 +335,24 @@ fn default_repeat_penalty() -> f32 {
     1.0
 }
 
-fn generate(app: &mut App, r: GenerateReq) -> Result<Value, String> {
-    let rendered = match (&r.messages, &r.prompt) {
+fn render(app: &App, r: &GenerateReq) -> Result<Option<String>, String> {
+    Ok(match (&r.messages, &r.prompt) {
         (Some(m), _) => Some(app.template.render(m, true)?),
         (None, Some(p)) => Some(p.clone()),
         (None, None) => None,
-    };
-    if app.model.is_none() {
-        need_model(app)?;
-    }
-    let t0 = sp::clock_ns();
-    // The prompt's tokens; BOS only when the cache starts fresh (and not twice).
-    let appending = r.keep_cache && app.state.as_ref().is_some_and(|s| !s.tokens.is_empty());
-    let new = match (&r.tokens, rendered) {
+    })
+}
+
+/// The tokens `generate` would prefill for `r` (without a kept cache's tokens):
+/// `prompt_tokens` lets the host match them against snapshots first.
+fn prompt_tokens(app: &mut App, r: &GenerateReq, appending: bool) -> Result<Vec<u32>, String> {
+    let rendered = render(app, r)?;
+    tokens_of(app, r, rendered, appending)
+}
+
+/// The prompt's tokens; BOS only when the cache starts fresh (and not twice).
+fn tokens_of(app: &mut App, r: &GenerateReq, rendered: Option<String>, appending: bool) -> Result<Vec<u32>, String> {
+    Ok(match (&r.tokens, rendered) {
         (Some(t), _) => {
             check_ids(t, app.cfg.vocab)?;
             t.clone()
@@ -335,7 +367,17 @@ fn generate(app: &mut App, r: GenerateReq) -> Result<Value, String> {
             t
         }
         (None, None) => return Err("generate needs a prompt, messages or tokens".into()),
-    };
+    })
+}
+
+fn generate(app: &mut App, r: GenerateReq) -> Result<Value, String> {
+    let rendered = render(app, &r)?;
+    if app.model.is_none() {
+        need_model(app)?;
+    }
+    let t0 = sp::clock_ns();
+    let appending = r.keep_cache && app.state.as_ref().is_some_and(|s| !s.tokens.is_empty());
+    let new = tokens_of(app, &r, rendered, appending)?;
     let (model, s, tok, _) = need_model(app)?;
     let full: Vec<u32> = if r.keep_cache {
         s.tokens.iter().chain(&s.pending).chain(&new).copied().collect()

@@ -8,6 +8,7 @@ pub mod loader;
 pub mod model;
 pub mod safetensors;
 pub mod sampler;
+pub mod snapshot;
 pub mod template;
 pub mod tokenizer;
 

@@ -160,6 +160,12 @@ impl State {
         })
     }
 
+    /// The KV cache for snapshots: `(k_cache offset, v_cache offset, bytes of each)`, both
+    /// laid out `(n_layers, n_kv_heads, ctx, head_dim)` in `cache_dtype`.
+    pub fn kv_cache(&self) -> (u32, u32, usize) {
+        (self.k_cache.offset(), self.v_cache.offset(), self.k_cache.len())
+    }
+
     fn set_tokens(&mut self, toks: &[u32], start: u32) {
         self.ids.as_mut_slice::<u32>()[..toks.len()].copy_from_slice(toks);
         for (i, p) in self.positions.as_mut_slice::<u32>()[..toks.len()]

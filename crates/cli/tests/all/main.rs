@@ -2,7 +2,9 @@
 //! (Hugging Face transformers, a float64 numpy implementation, the Python `tokenizers`
 //! library), and the CLI's handling of bad input.
 mod cli;
+mod gpu;
 mod hf;
+mod serve;
 mod smollm2;
 mod tokenizer;
 mod vulkan;
