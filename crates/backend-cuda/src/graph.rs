@@ -60,6 +60,7 @@ impl CudaOpGraph {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| cuda_err("beginning stream capture", e))?;
+        let _pdl = exec::PdlScope::new(self.ops.iter().all(exec::single_token));
         let mut res = Ok(());
         for (i, op) in self.ops.iter().enumerate() {
             let c = KCtx {

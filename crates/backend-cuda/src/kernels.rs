@@ -41,6 +41,14 @@ fn ptx_for(arch: &'static str) -> Result<String, String> {
     r
 }
 
+static PDL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether kernels are launched with programmatic dependent launch: on sm_90 and newer,
+/// unless `SAMEPAGE_CUDA_PDL=0`.
+pub fn pdl() -> bool {
+    PDL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The loaded kernels of one context.
 pub struct Kernels {
     pub embed: CudaFunction,
@@ -66,6 +74,10 @@ impl Kernels {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| format!("compute capability: {e:?}"))?;
+        PDL.store(
+            major >= 9 && std::env::var("SAMEPAGE_CUDA_PDL").as_deref() != Ok("0"),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let src = ptx_for(arch)?;
         let module = ctx

@@ -12,6 +12,7 @@ __device__ __forceinline__ float ld_cache(const Ctx& c, u32 off, u32 dt, u64 i) 
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention(const Ctx c, const Attention a) {
+    PDL_ENTER();
     const u32 S = c.aux;
     u32 pos = *at<u32>(c, a.pos);
     if ((u64)pos + a.n > a.ctx) {
@@ -85,6 +86,7 @@ extern "C" __global__ void __launch_bounds__(128) attention(const Ctx c, const A
 
 // grid.x = n * n_heads; merges the S split partials of one (query, head).
 extern "C" __global__ void attention_combine(const Ctx c, const Attention a) {
+    PDL_ENTER();
     const u32 S = c.aux;
     u32 pos = *at<u32>(c, a.pos);
     if ((u64)pos + a.n > a.ctx) return; // reported by `attention`

@@ -8,6 +8,21 @@ typedef unsigned long long u64;
 typedef signed char i8;
 #define INFINITY __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (sm_90+): the host may launch a kernel while the one
+// before it on the stream is still running. Every kernel's first statement, before any
+// read, write or early return, waits until the previous grid has completed and its
+// writes are visible; then it lets the next kernel start launching (its blocks wait the
+// same way). Without the launch attribute both instructions are no-ops.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_ENTER() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+// The wait alone: the next kernel launches only as this one's blocks exit. For grids of
+// many waves (prefill GEMMs), where early-launched waiting blocks would hold SM slots.
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define PDL_ENTER() do {} while (0)
+#define PDL_WAIT() do {} while (0)
+#endif
+
 struct Ctx {
     u8* base;       // the region: guest offset 0
     u32* status;    // [flag, op index, reason, a, b]: host-mapped, read after wait

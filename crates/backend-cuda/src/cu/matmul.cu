@@ -202,10 +202,10 @@ __device__ void gemm_tiled(const Ctx& c, const Matmul& mm) {
 
 // aux bit 0: weights and x 16-byte aligned (vector path); bit 1: x 16-byte aligned.
 #define MATMUL_KERNELS(NAME, DT, GEMV)                                                   \
-    extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { \
+    extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { PDL_ENTER(); \
         GEMV;                                                                            \
     }                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) matmul_##NAME(const Ctx c, const Matmul mm) { \
+    extern "C" __global__ void __launch_bounds__(256) matmul_##NAME(const Ctx c, const Matmul mm) { PDL_WAIT(); \
         gemm_tiled<DT>(c, mm);                                                           \
     }
 MATMUL_KERNELS(f32, DT_F32, gemv_dense<DT_F32>(c, mm, c.aux & 1))

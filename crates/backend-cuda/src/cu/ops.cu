@@ -2,6 +2,7 @@
 // softmax, argmax. Each checks the per-token values it reads (ids, pos) itself.
 
 extern "C" __global__ void embed(const Ctx c, const Embed e) {
+    PDL_ENTER();
     const u32* ids = at<u32>(c, e.ids);
     // Any bad id fails the whole op before anything is written (as on the CPU).
     int bad = 0;
@@ -18,6 +19,7 @@ extern "C" __global__ void embed(const Ctx c, const Embed e) {
 }
 
 extern "C" __global__ void rmsnorm(const Ctx c, const RmsNorm r) {
+    PDL_ENTER();
     const float* x = at<float>(c, r.x) + (u64)blockIdx.x * r.dim;
     const float* w = at<float>(c, r.weight);
     float* out = at<float>(c, r.out) + (u64)blockIdx.x * r.dim;
@@ -49,6 +51,7 @@ __device__ double rope_freq(const Rope& r, u32 j) {
 
 // grid: n * n_heads blocks; threads over rotated pairs.
 extern "C" __global__ void rope(const Ctx c, const Rope r) {
+    PDL_ENTER();
     u32 i = blockIdx.x / r.n_heads, h = blockIdx.x % r.n_heads;
     u32 p = at<u32>(c, r.positions)[i];
     float* v = at<float>(c, r.x) + ((u64)i * r.n_heads + h) * r.head_dim;
@@ -66,6 +69,7 @@ extern "C" __global__ void rope(const Ctx c, const Rope r) {
 
 // grid: n * n_kv_heads blocks.
 extern "C" __global__ void kv_store(const Ctx c, const KvStore s) {
+    PDL_ENTER();
     u32 pos = *at<u32>(c, s.pos);
     if ((u64)pos + s.n > s.ctx) {
         if (threadIdx.x == 0) report(c, ERR_KV_POS, pos, s.n);
@@ -88,6 +92,7 @@ extern "C" __global__ void kv_store(const Ctx c, const KvStore s) {
 }
 
 extern "C" __global__ void swiglu(const Ctx c, const SwiGlu s) {
+    PDL_ENTER();
     const float* g = at<float>(c, s.gate);
     const float* u = at<float>(c, s.up);
     float* o = at<float>(c, s.out);
@@ -98,6 +103,7 @@ extern "C" __global__ void swiglu(const Ctx c, const SwiGlu s) {
 }
 
 extern "C" __global__ void add(const Ctx c, const Add s) {
+    PDL_ENTER();
     const float* a = at<float>(c, s.a);
     const float* b = at<float>(c, s.b);
     float* o = at<float>(c, s.out);
@@ -105,6 +111,7 @@ extern "C" __global__ void add(const Ctx c, const Add s) {
 }
 
 extern "C" __global__ void scale(const Ctx c, const Scale s) {
+    PDL_ENTER();
     const float* x = at<float>(c, s.x);
     float* o = at<float>(c, s.out);
     for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < s.len; i += gridDim.x * blockDim.x) o[i] = x[i] * s.scale;
@@ -112,6 +119,7 @@ extern "C" __global__ void scale(const Ctx c, const Scale s) {
 
 // grid: rows blocks.
 extern "C" __global__ void softmax(const Ctx c, const Softmax s) {
+    PDL_ENTER();
     const float* x = at<float>(c, s.x) + (u64)blockIdx.x * s.cols;
     float* o = at<float>(c, s.out) + (u64)blockIdx.x * s.cols;
     float m = -INFINITY;
@@ -126,6 +134,7 @@ extern "C" __global__ void softmax(const Ctx c, const Softmax s) {
 
 // grid: rows blocks. First index on ties; NaN never wins.
 extern "C" __global__ void argmax(const Ctx c, const Argmax s) {
+    PDL_ENTER();
     const float* x = at<float>(c, s.x) + (u64)blockIdx.x * s.cols;
     float bv = -INFINITY;
     u32 bi = 0xffffffffu;

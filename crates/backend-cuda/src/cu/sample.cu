@@ -62,6 +62,7 @@ __device__ u32 radix_select_count(u32 V, u32 lo, u32 hi, u32 k, KeyF key, u32& t
 }
 
 extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sample s) {
+    PDL_ENTER();
     __shared__ SampleParams p;
     __shared__ u32 bad;
     const u32 V = s.vocab, tid = threadIdx.x;
