@@ -24,6 +24,8 @@ pub(crate) struct Gpu {
     pub storage_align: u64,
     /// `minUniformBufferOffsetAlignment`.
     pub uniform_align: u64,
+    /// A CPU implementation (lavapipe): kernels are tuned for its SIMD width.
+    pub cpu: bool,
     #[cfg(not(target_os = "macos"))]
     vk: vulkan::Importer,
 }
@@ -188,6 +190,7 @@ mod vulkan {
             device,
             queue,
             api: "vulkan",
+            cpu: info.device_type == wgpu::DeviceType::Cpu,
             adapter: info.name,
             import_align: import_align.max(4096),
             max_binding,

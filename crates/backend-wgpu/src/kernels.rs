@@ -108,7 +108,20 @@ impl Kernel {
         }
     }
 
-    /// The WGSL source.
+    /// The WGSL source for a device (`cpu`: a CPU implementation such as lavapipe, whose
+    /// invocations are SIMD lanes: the matmul uses workgroups of one 8-lane vector, so
+    /// small matrices still spread over every core).
+    pub fn source_for(&self, cpu: bool) -> String {
+        let src = self.source();
+        match self {
+            Kernel::Matmul(_) if cpu => src
+                .replace("const WG: u32 = 32u;", "const WG: u32 = 8u;")
+                .replace("@workgroup_size(32)", "@workgroup_size(8)"),
+            _ => src,
+        }
+    }
+
+    /// The WGSL source (as for a GPU).
     pub fn source(&self) -> String {
         let weights = |body: &str, d: DType| {
             let dt = format!("@dtype {}", d.name());
@@ -140,12 +153,23 @@ impl Kernel {
 /// Compiled pipelines, built on first use.
 pub(crate) struct Pipelines {
     map: Mutex<HashMap<Kernel, wgpu::ComputePipeline>>,
+    cpu: bool,
+}
+
+/// Weight rows per matmul workgroup (`WG * R` in `matmul.wgsl`) for a device.
+pub fn matmul_rows_per_group(cpu: bool) -> usize {
+    if cpu {
+        8 * 8
+    } else {
+        32 * 8
+    }
 }
 
 impl Pipelines {
-    pub fn new() -> Pipelines {
+    pub fn new(cpu: bool) -> Pipelines {
         Pipelines {
             map: Mutex::new(HashMap::new()),
+            cpu,
         }
     }
 
@@ -157,7 +181,7 @@ impl Pipelines {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&k.name()),
-            source: wgpu::ShaderSource::Wgsl(k.source().into()),
+            source: wgpu::ShaderSource::Wgsl(k.source_for(self.cpu).into()),
         });
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&k.name()),

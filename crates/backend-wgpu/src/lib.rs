@@ -85,8 +85,8 @@ impl WgpuBackend {
             });
         }
         Ok(WgpuBackend {
+            pipelines: Arc::new(kernels::Pipelines::new(gpu.cpu)),
             gpu: Arc::new(gpu),
-            pipelines: Arc::new(kernels::Pipelines::new()),
             registry: Arc::new(Registry {
                 regions: Mutex::new(Vec::new()),
             }),
@@ -101,6 +101,11 @@ impl WgpuBackend {
             max_tensor: Some(bytes),
             ..self.clone()
         }
+    }
+
+    /// Whether the adapter is a software renderer running on the CPU (lavapipe).
+    pub fn is_software(&self) -> bool {
+        self.gpu.cpu
     }
 
     /// The adapter's name (e.g. "llvmpipe (LLVM 19.1.7, 256 bits)").
@@ -121,6 +126,7 @@ impl WgpuBackend {
         plan::Limits {
             storage_align: self.gpu.storage_align as usize,
             max_tensor: g.max_tensor.min(self.max_tensor.unwrap_or(usize::MAX)),
+            matmul_rows: kernels::matmul_rows_per_group(self.gpu.cpu),
         }
     }
 

@@ -48,6 +48,7 @@ pub(crate) fn open() -> Result<Gpu, BackendError> {
         device,
         queue,
         api: "metal",
+        cpu: info.device_type == wgpu::DeviceType::Cpu,
         adapter: info.name,
         // Apple Silicon pages are 16 KiB; newBufferWithBytesNoCopy wants whole pages.
         import_align: page_size().max(16384),

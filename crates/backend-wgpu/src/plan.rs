@@ -41,6 +41,8 @@ pub struct Dispatch {
 pub struct Limits {
     pub storage_align: usize,
     pub max_tensor: usize,
+    /// Weight rows one matmul workgroup covers.
+    pub matmul_rows: usize,
 }
 
 struct Builder {
@@ -154,7 +156,7 @@ pub fn plan(op: &Op, lim: Limits) -> Result<Vec<Dispatch>, OpError> {
                     params,
                     vec![w, x, out, bias],
                     false,
-                    (r1 - r0) as usize,
+                    ((r1 - r0) as usize).div_ceil(lim.matmul_rows),
                 ));
             }
             v

@@ -61,8 +61,7 @@ pub fn backend(name: &str) -> Result<Arc<dyn Backend>> {
             }
             #[cfg(feature = "wgpu")]
             if let Ok(b) = samepage_backend_wgpu::WgpuBackend::new() {
-                let a = b.adapter().to_lowercase();
-                if !["llvmpipe", "lavapipe", "swiftshader"].iter().any(|s| a.contains(s)) {
+                if !b.is_software() {
                     return Ok(Arc::new(b));
                 }
             }

@@ -4,8 +4,11 @@ use samepage_backend_wgpu::Kernel;
 
 #[test]
 fn every_kernel_translates_to_msl() {
-    for k in Kernel::all() {
-        let src = k.source();
+    for (k, cpu) in Kernel::all().into_iter().flat_map(|k| [(k, false), (k, true)]) {
+        let src = k.source_for(cpu);
+        if cpu && matches!(k, Kernel::Matmul(_)) {
+            assert_ne!(src, k.source(), "{}: the CPU tuning was not applied", k.name());
+        }
         let module =
             naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{}: {}", k.name(), e.emit_to_string(&src)));
         let info = naga::valid::Validator::new(

@@ -73,12 +73,20 @@ fn gpu_works_in_place_on_the_guest_pages() {
     // SAFETY: as above.
     assert_eq!(unsafe { *(base.add(far as usize) as *const f32) }, 6.0);
 
-    // No copy of the region was made: RSS grew by far less than the imported size.
+    // No copy of the region was made. A software device touches only what it uses, so RSS
+    // grows by far less than the imported size. A hardware driver pins the imported pages,
+    // making the region itself resident (measured on the H100: +200 MiB for 200 MiB), but
+    // a copy would add a second region's worth on top.
     let grew = rss_bytes().saturating_sub(rss0);
     eprintln!(
         "zero-copy: RSS grew {} KiB while {} MiB were imported",
         grew / 1024,
         region.size() / MIB
     );
-    assert!(grew < size / 4, "RSS grew {grew} bytes: the import copied?");
+    let bound = if gpu.is_software() {
+        size / 4
+    } else {
+        region.size() + size / 4
+    };
+    assert!(grew < bound, "RSS grew {grew} bytes: the import copied?");
 }
