@@ -213,6 +213,109 @@ fn cfg(grid: u64, block: u32) -> Result<LaunchConfig, OpError> {
     })
 }
 
+/// `struct MatvecGroup` of `cu/matmul.cu`: up to 3 matvecs of one dtype, one launch.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct MatvecGroup {
+    m: [abi::Matmul; 3],
+    count: u32,
+    end: [u32; 3],
+    aux: [u32; 3],
+}
+// SAFETY: #[repr(C)] of 4-byte scalars (Matmul is such a struct), no padding.
+unsafe impl samepage_abi::Pod for MatvecGroup {}
+
+/// The `aux` word of a matvec launch: alignment bits (see `MATMUL_KERNELS`).
+fn matvec_aux(base: u64, m: &abi::Matmul) -> u32 {
+    let dt = DType::from_u32(m.dtype).expect("validated dtype");
+    let rb = dt.row_bytes(m.k as usize).expect("validated shape");
+    let w_al = (base + m.w as u64).is_multiple_of(16) && rb.is_multiple_of(16);
+    let x_al = (base + m.x as u64).is_multiple_of(16);
+    match dt {
+        DType::F32 | DType::F16 | DType::BF16 => (w_al && x_al) as u32,
+        _ => w_al as u32 | (x_al as u32) << 1,
+    }
+}
+
+/// Byte ranges `[start, end)` a matvec reads and the one it writes.
+fn matvec_ranges(m: &abi::Matmul) -> (Vec<(u64, u64)>, (u64, u64)) {
+    let dt = DType::from_u32(m.dtype).expect("validated dtype");
+    let rb = dt.row_bytes(m.k as usize).expect("validated shape") as u64;
+    let out = (m.out as u64, m.out as u64 + m.m as u64 * 4);
+    let mut reads = vec![
+        (m.w as u64, m.w as u64 + m.m as u64 * rb),
+        (m.x as u64, m.x as u64 + m.k as u64 * 4),
+    ];
+    if m.flags & abi::MATMUL_BIAS != 0 {
+        reads.push((m.bias as u64, m.bias as u64 + m.m as u64 * 4));
+    }
+    (reads, out)
+}
+
+fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// Whether `ops` (2 or 3) can run as one `matvecs` launch with the same results as one
+/// after another: single-token matvecs of one dtype over the same x, and no op writes
+/// what another reads or writes (so their order cannot matter).
+pub(crate) fn groupable(ops: &[Op]) -> bool {
+    if !(2..=3).contains(&ops.len()) {
+        return false;
+    }
+    let ms: Vec<abi::Matmul> = ops
+        .iter()
+        .filter_map(|op| match *op {
+            Op::Matmul(m) if m.n == 1 => Some(m),
+            _ => None,
+        })
+        .collect();
+    if ms.len() != ops.len() {
+        return false;
+    }
+    let m0 = ms[0];
+    if ms.iter().any(|m| m.dtype != m0.dtype || m.x != m0.x || m.k != m0.k) {
+        return false;
+    }
+    let rw: Vec<_> = ms.iter().map(matvec_ranges).collect();
+    for (i, (_, wi)) in rw.iter().enumerate() {
+        for (j, (rj, wj)) in rw.iter().enumerate() {
+            if i != j && (overlap(*wi, *wj) || rj.iter().any(|r| overlap(*wi, *r))) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Enqueue a group accepted by [`groupable`] as one launch.
+pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
+    let mut g = MatvecGroup {
+        m: [abi::Matmul::default(); 3],
+        count: ops.len() as u32,
+        end: [0; 3],
+        aux: [0; 3],
+    };
+    let mut blocks = 0u64;
+    for (i, op) in ops.iter().enumerate() {
+        let Op::Matmul(m) = *op else {
+            return Err(OpError::runtime("cuda: a matvec group holds a non-matmul op"));
+        };
+        g.m[i] = m;
+        g.aux[i] = matvec_aux(c.base, &m);
+        blocks += (m.m as u64).div_ceil(8);
+        g.end[i] = u32::try_from(blocks).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
+    }
+    go(
+        stream,
+        &k.matvecs[g.m[0].dtype as usize],
+        c,
+        g,
+        cfg(blocks, 256)?,
+        "matvecs",
+    )
+}
+
 fn go<T: samepage_abi::Pod>(
     stream: &CudaStream,
     f: &CudaFunction,
@@ -327,15 +430,8 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
         Op::Embed(e) => go(stream, &k.embed, c, e, cfg(e.n as u64, 256)?, "embed"),
         Op::RmsNorm(r) => go(stream, &k.rmsnorm, c, r, cfg(r.n as u64, 256)?, "rmsnorm"),
         Op::Matmul(m) => {
-            let dt = DType::from_u32(m.dtype).expect("validated dtype");
-            let rb = dt.row_bytes(m.k as usize).expect("validated shape");
-            let w_al = (c.base + m.w as u64).is_multiple_of(16) && rb.is_multiple_of(16);
-            let x_al = (c.base + m.x as u64).is_multiple_of(16);
             if m.n == 1 {
-                c.aux = match dt {
-                    DType::F32 | DType::F16 | DType::BF16 => (w_al && x_al) as u32,
-                    _ => w_al as u32 | (x_al as u32) << 1,
-                };
+                c.aux = matvec_aux(c.base, &m);
                 go(
                     stream,
                     &k.matvec[m.dtype as usize],

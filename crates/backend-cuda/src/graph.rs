@@ -1,8 +1,9 @@
 //! Recorded op lists as CUDA graphs: captured from the stream at the first launch
 //! (when the region's device base is known), then replayed unchanged every launch.
 use std::sync::Arc;
+use std::time::Instant;
 
-use cudarc::driver::{sys, CudaGraph};
+use cudarc::driver::{result, sys, CudaGraph};
 use samepage_backend::{Graph, Mem, Op, OpError};
 
 use crate::exec::{self, cuda_err, KCtx, Scratch, StatusWord};
@@ -13,9 +14,82 @@ struct Captured {
     graph: CudaGraph,
 }
 
+/// One launch of a recorded list: an op, or `len` ops fused at record time.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    One(usize),
+    /// `len` single-token matvecs sharing x (`exec::groupable`) as one `matvecs` launch.
+    Matvecs(usize, usize),
+}
+
+/// Fuse what can be fused without changing results; `SAMEPAGE_CUDA_FUSE=0` turns it off.
+fn plan(ops: &[Op]) -> Vec<Step> {
+    let fuse = std::env::var("SAMEPAGE_CUDA_FUSE").as_deref() != Ok("0");
+    let mut steps = Vec::with_capacity(ops.len());
+    let mut i = 0;
+    while i < ops.len() {
+        let len = if fuse {
+            (2..=3)
+                .rev()
+                .find(|&l| i + l <= ops.len() && exec::groupable(&ops[i..i + l]))
+                .unwrap_or(1)
+        } else {
+            1
+        };
+        steps.push(if len == 1 { Step::One(i) } else { Step::Matvecs(i, len) });
+        i += len;
+    }
+    steps
+}
+
+/// `SAMEPAGE_CUDA_TRACE=1`: per-launch host timestamps and the graph's GPU time (events),
+/// summed and printed to stderr every 64 launches. `=2` also times each op once (the 16th
+/// launch runs the steps one by one, between events, instead of the graph).
+struct Trace {
+    level: u32,
+    ev: [sys::CUevent; 2],
+    last_wait_end: Option<Instant>,
+    launch_start: Option<Instant>,
+    count: u32,
+    /// gap (wait end -> next launch), launch (host), wait (host), gpu, wall (launch to launch)
+    sums: [f64; 5],
+    profiled: bool,
+}
+
+impl Trace {
+    fn new() -> Option<Trace> {
+        let level: u32 = std::env::var("SAMEPAGE_CUDA_TRACE").ok()?.parse().ok()?;
+        if level == 0 {
+            return None;
+        }
+        let f = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let ev = [result::event::create(f).ok()?, result::event::create(f).ok()?];
+        Some(Trace {
+            level,
+            ev,
+            last_wait_end: None,
+            launch_start: None,
+            count: 0,
+            sums: [0.0; 5],
+            profiled: false,
+        })
+    }
+}
+
+impl Drop for Trace {
+    fn drop(&mut self) {
+        for e in self.ev {
+            // SAFETY: created in `new`; the owner synchronised the stream before dropping.
+            let _ = unsafe { result::event::destroy(e) };
+        }
+    }
+}
+
 pub(crate) struct CudaOpGraph {
     inner: Arc<Inner>,
     ops: Vec<Op>,
+    steps: Vec<Step>,
+    trace: Option<Trace>,
     status: StatusWord,
     scratch: Scratch,
     captured: Option<Captured>,
@@ -44,8 +118,11 @@ impl CudaOpGraph {
         if need > 0 {
             scratch.ensure(need).map_err(|e| cuda_err("allocating scratch", e))?;
         }
+        let steps = plan(&ops);
         Ok(CudaOpGraph {
             inner,
+            steps,
+            trace: Trace::new(),
             ops,
             status,
             scratch,
@@ -62,15 +139,8 @@ impl CudaOpGraph {
             .map_err(|e| cuda_err("beginning stream capture", e))?;
         let _pdl = exec::PdlScope::new(self.ops.iter().all(exec::single_token));
         let mut res = Ok(());
-        for (i, op) in self.ops.iter().enumerate() {
-            let c = KCtx {
-                base,
-                status: self.status.dev(),
-                scratch: self.scratch.ptr(),
-                op: i as u32,
-                aux: 0,
-            };
-            res = exec::launch_op(&inner.kernels, stream, c, op);
+        for &step in &self.steps {
+            res = self.launch_step(base, step);
             if res.is_err() {
                 break;
             }
@@ -83,11 +153,101 @@ impl CudaOpGraph {
     }
 }
 
+impl CudaOpGraph {
+    fn launch_step(&self, base: u64, step: Step) -> Result<(), OpError> {
+        let inner = &self.inner;
+        let (first, ops) = match step {
+            Step::One(i) => (i, &self.ops[i..i + 1]),
+            Step::Matvecs(i, len) => (i, &self.ops[i..i + len]),
+        };
+        let c = KCtx {
+            base,
+            status: self.status.dev(),
+            scratch: self.scratch.ptr(),
+            op: first as u32,
+            aux: 0,
+        };
+        match step {
+            Step::One(_) => exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0]),
+            Step::Matvecs(..) => exec::launch_matvec_group(&inner.kernels, &inner.stream, c, ops),
+        }
+    }
+
+    /// Trace level 2: run the steps one by one between events (in place of one graph
+    /// launch: the same work once) and print each op kind's GPU time.
+    fn profile_steps(&self, base: u64) -> Result<(), OpError> {
+        let st = self.inner.stream.cu_stream();
+        let f = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let evs: Vec<sys::CUevent> = (0..=self.steps.len())
+            .map(|_| result::event::create(f))
+            .collect::<Result<_, _>>()
+            .map_err(|e| cuda_err("creating events", e))?;
+        let mut res = Ok(());
+        // SAFETY: fresh events recorded on our stream.
+        unsafe { result::event::record(evs[0], st) }.map_err(|e| cuda_err("event", e))?;
+        for (j, &step) in self.steps.iter().enumerate() {
+            res = self.launch_step(base, step);
+            if res.is_err() {
+                break;
+            }
+            // SAFETY: as above.
+            unsafe { result::event::record(evs[j + 1], st) }.map_err(|e| cuda_err("event", e))?;
+        }
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(|e| cuda_err("synchronize", e))?;
+        let mut by: Vec<(String, f64, u32)> = Vec::new();
+        let mut total = 0.0;
+        if res.is_ok() {
+            for (j, &step) in self.steps.iter().enumerate() {
+                // SAFETY: both events completed (the stream was synchronised).
+                let ms = unsafe { result::event::elapsed(evs[j], evs[j + 1]) }.unwrap_or(0.0) as f64;
+                let name = match step {
+                    Step::One(i) => match self.ops[i] {
+                        Op::Matmul(m) => format!("matvec m={} k={}", m.m, m.k),
+                        ref op => op.name().to_string(),
+                    },
+                    Step::Matvecs(i, len) => match self.ops[i] {
+                        Op::Matmul(m) => format!("matvecs x{len} k={} m0={}", m.k, m.m),
+                        _ => "matvecs".into(),
+                    },
+                };
+                total += ms;
+                match by.iter_mut().find(|b| b.0 == name) {
+                    Some(b) => {
+                        b.1 += ms;
+                        b.2 += 1
+                    }
+                    None => by.push((name, ms, 1)),
+                }
+            }
+        }
+        for e in evs {
+            // SAFETY: created above, idle.
+            let _ = unsafe { result::event::destroy(e) };
+        }
+        res?;
+        by.sort_by(|a, b| b.1.total_cmp(&a.1));
+        eprintln!(
+            "cuda profile: {} ops as {} launches, eager total {:.1} us",
+            self.ops.len(),
+            self.steps.len(),
+            total * 1e3
+        );
+        for (name, ms, n) in by {
+            eprintln!("  {:>8.1} us  {:>4} x  {}", ms * 1e3, n, name);
+        }
+        Ok(())
+    }
+}
+
 impl Graph for CudaOpGraph {
     fn launch(&mut self, mem: Mem) -> Result<(), OpError> {
         if self.in_flight {
             self.wait()?;
         }
+        let t_enter = Instant::now();
         let inner = self.inner.clone();
         let _q = inner.enqueue.lock().unwrap_or_else(|e| e.into_inner());
         inner
@@ -102,8 +262,30 @@ impl Graph for CudaOpGraph {
         }
         self.status.reset();
         inner.flush_prefetch();
+        if let Some(t) = self.trace.as_mut() {
+            if let Some(prev) = t.last_wait_end {
+                t.sums[0] += t_enter.duration_since(prev).as_secs_f64();
+            }
+            if let Some(prev) = t.launch_start {
+                t.sums[4] += t_enter.duration_since(prev).as_secs_f64();
+            }
+            t.launch_start = Some(t_enter);
+            if t.level >= 2 && !t.profiled && t.count == 16 {
+                t.profiled = true;
+                self.profile_steps(base)?;
+                self.in_flight = true;
+                return Ok(());
+            }
+            // SAFETY: our events, our stream.
+            let _ = unsafe { result::event::record(t.ev[0], inner.stream.cu_stream()) };
+        }
         let c = self.captured.as_ref().expect("captured above");
         c.graph.launch().map_err(|e| cuda_err("launching the graph", e))?;
+        if let Some(t) = self.trace.as_mut() {
+            // SAFETY: as above.
+            let _ = unsafe { result::event::record(t.ev[1], inner.stream.cu_stream()) };
+            t.sums[1] += t_enter.elapsed().as_secs_f64();
+        }
         self.in_flight = true;
         Ok(())
     }
@@ -113,10 +295,34 @@ impl Graph for CudaOpGraph {
             return Ok(());
         }
         self.in_flight = false;
+        let t0 = Instant::now();
         self.inner
             .stream
             .synchronize()
             .map_err(|e| cuda_err("synchronize", e))?;
+        if let Some(t) = self.trace.as_mut() {
+            let now = Instant::now();
+            t.sums[2] += now.duration_since(t0).as_secs_f64();
+            // SAFETY: both events completed (synchronised above); after a profiled step
+            // they hold the previous launch's times, close enough for a mean.
+            t.sums[3] += unsafe { result::event::elapsed(t.ev[0], t.ev[1]) }.unwrap_or(0.0) as f64 * 1e-3;
+            t.last_wait_end = Some(now);
+            t.count += 1;
+            if t.count % 64 == 0 {
+                let us = |x: f64| x / 64.0 * 1e6;
+                eprintln!(
+                    "cuda trace ({} ops, {} launches/step), mean of 64 steps: wall {:.1} us = guest/runtime gap {:.1} + launch {:.1} + wait {:.1}; GPU (graph, events) {:.1} us",
+                    self.ops.len(),
+                    self.steps.len(),
+                    us(t.sums[4]),
+                    us(t.sums[0]),
+                    us(t.sums[1]),
+                    us(t.sums[2]),
+                    us(t.sums[3])
+                );
+                t.sums = [0.0; 5];
+            }
+        }
         self.status.check(&self.ops)
     }
 

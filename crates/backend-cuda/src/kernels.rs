@@ -67,6 +67,8 @@ pub struct Kernels {
     pub matvec: Vec<CudaFunction>,
     /// `matmul_<dtype>` (n > 1), by dtype code.
     pub matmul: Vec<CudaFunction>,
+    /// `matvecs_<dtype>`: up to 3 matvecs sharing x in one launch, by dtype code.
+    pub matvecs: Vec<CudaFunction>,
 }
 
 impl Kernels {
@@ -108,6 +110,10 @@ impl Kernels {
             matmul: DTYPE_SUFFIX
                 .iter()
                 .map(|s| f(&format!("matmul_{s}")))
+                .collect::<Result<_, _>>()?,
+            matvecs: DTYPE_SUFFIX
+                .iter()
+                .map(|s| f(&format!("matvecs_{s}")))
                 .collect::<Result<_, _>>()?,
         })
     }

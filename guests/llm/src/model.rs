@@ -139,7 +139,9 @@ impl State {
             att: buf(chunk * qd * 4, "activations", dev)?,
             hb: buf(chunk * ffn * 4, "activations", dev)?,
             hb2: buf(chunk * ffn * 4, "activations", dev)?,
-            logits: buf(c.vocab as u64 * 4, "logits", abi::hint::HOST)?,
+            // Written by the output matmul and read by the sample op, both on the device;
+            // only `forward` hands logits to the host, which then reads them in place.
+            logits: buf(c.vocab as u64 * 4, "logits", dev)?,
             all_logits: None,
             k_cache: buf(cache, "KV cache", dev)?,
             v_cache: buf(cache, "KV cache", dev)?,

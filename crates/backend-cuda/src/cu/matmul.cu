@@ -24,9 +24,9 @@ __device__ __forceinline__ void load_x8(const float* x, float* xs, bool xa) {
 // Dense f32/f16/bf16 matvec. `vec`: W rows and x are 16-byte aligned (checked on the
 // host), so each lane streams 16-byte chunks, UNROLL of them in flight.
 template <u32 DT>
-__device__ void gemv_dense(const Ctx& c, const Matmul& mm, bool vec) {
+__device__ void gemv_dense(const Ctx& c, const Matmul& mm, bool vec, u32 bx) {
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 row = blockIdx.x * (blockDim.x >> 5) + warp;
+    const u32 row = bx * (blockDim.x >> 5) + warp;
     if (row >= mm.m) return;
     const u8* w = c.base + mm.w + (u64)row * row_bytes(DT, mm.k);
     const float* x = at<float>(c, mm.x);
@@ -97,12 +97,12 @@ template <u32 DT> struct QChunk { static constexpr u32 CB = blk_elems(DT) == 32 
 #define QREG ((QCHUNK_MAX / 16 + 31) / 32)
 
 template <u32 DT>
-__device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa) {
+__device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u32 bx) {
     __shared__ __align__(16) u8 stage[8][QCHUNK_MAX + 16];
     constexpr u32 CB = QChunk<DT>::CB, BB = blk_bytes(DT), BE = blk_elems(DT), UPB = BE / 32;
     constexpr u32 CHUNK = CB * BB;
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 row = blockIdx.x * (blockDim.x >> 5) + warp;
+    const u32 row = bx * (blockDim.x >> 5) + warp;
     if (row >= mm.m) return;
     const u32 nb = mm.k / BE;
     const u64 rb = (u64)nb * BB;
@@ -201,20 +201,33 @@ __device__ void gemm_tiled(const Ctx& c, const Matmul& mm) {
 }
 
 // aux bit 0: weights and x 16-byte aligned (vector path); bit 1: x 16-byte aligned.
+// matvecs_<dtype>: up to 3 matvecs of one dtype in one launch (fused at record time:
+// q/k/v or gate/up reading the same x); block b belongs to the first i with b < end[i].
+struct MatvecGroup { Matmul m[3]; u32 count, end[3], aux[3]; };
 #define MATMUL_KERNELS(NAME, DT, GEMV)                                                   \
     extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { PDL_ENTER(); \
+        const u32 bx = blockIdx.x;                                                       \
+        GEMV;                                                                            \
+    }                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) matvecs_##NAME(const Ctx c0, const MatvecGroup g) { PDL_ENTER(); \
+        u32 i = 0;                                                                       \
+        while (i + 1 < g.count && blockIdx.x >= g.end[i]) i++;                           \
+        const u32 bx = blockIdx.x - (i ? g.end[i - 1] : 0u);                             \
+        Ctx c = c0;                                                                      \
+        c.aux = g.aux[i];                                                                \
+        const Matmul mm = g.m[i];                                                        \
         GEMV;                                                                            \
     }                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) matmul_##NAME(const Ctx c, const Matmul mm) { PDL_WAIT(); \
         gemm_tiled<DT>(c, mm);                                                           \
     }
-MATMUL_KERNELS(f32, DT_F32, gemv_dense<DT_F32>(c, mm, c.aux & 1))
-MATMUL_KERNELS(f16, DT_F16, gemv_dense<DT_F16>(c, mm, c.aux & 1))
-MATMUL_KERNELS(bf16, DT_BF16, gemv_dense<DT_BF16>(c, mm, c.aux & 1))
-MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2))
-MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2))
-MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2))
-MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2))
-MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2))
-MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2))
-MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2))
+MATMUL_KERNELS(f32, DT_F32, gemv_dense<DT_F32>(c, mm, c.aux & 1, bx))
+MATMUL_KERNELS(f16, DT_F16, gemv_dense<DT_F16>(c, mm, c.aux & 1, bx))
+MATMUL_KERNELS(bf16, DT_BF16, gemv_dense<DT_BF16>(c, mm, c.aux & 1, bx))
+MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2, bx))
+MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2, bx))
+MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2, bx))
+MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2, bx))
+MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2, bx))
+MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2, bx))
+MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2, bx))

@@ -89,8 +89,21 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
 
     float* l = c.scratch;
     float* pb = c.scratch + V;
-    const float* logits = at<float>(c, s.logits);
-    for (u32 t = lo; t < hi; t++) { float v = logits[t]; l[t] = v != v ? -INFINITY : v; }
+    // Coalesced, and the loads independent of the stores (the logits may live in host
+    // memory, HOST-hinted: a dependent per-thread walk paid a bus round trip per element).
+    {
+        const float* __restrict__ logits = at<float>(c, s.logits);
+        float* __restrict__ ld = l;
+        u32 t = tid;
+        for (; t + 7 * ST < V; t += 8 * ST) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] = __ldcs(logits + t + u * ST);
+#pragma unroll
+            for (int u = 0; u < 8; u++) ld[t + u * ST] = v[u] != v[u] ? -INFINITY : v[u];
+        }
+        for (; t < V; t += ST) { float v = __ldcs(logits + t); ld[t] = v != v ? -INFINITY : v; }
+    }
     __syncthreads();
     // 1. Repetition penalty, once per distinct token of the window.
     if (p.repeat_penalty != 1.0f) {

@@ -9,14 +9,26 @@ use crate::*;
 
 #[test]
 fn replayed_graph_100_tokens_zero_copies() {
+    replay([DType::Q4_K, DType::BF16, DType::Q6_K]);
+}
+
+/// q/k/v of one dtype over the same x: the backend fuses them into one launch at record
+/// time; results must still match the CPU's one-by-one matmuls.
+#[test]
+fn replayed_graph_with_fused_qkv() {
+    replay([DType::BF16; 3]);
+    replay([DType::Q8_0; 3]);
+}
+
+fn replay(qkv: [DType; 3]) {
     let Some(gpu) = cuda() else { return };
     let mut rng = Rng::new(8);
     let (vocab, dim, heads, kvh, hd, ctx) = (512usize, 256usize, 4usize, 2usize, 64usize, 128usize);
     let mut img = Image::default();
     let emb = img.put(&weights(DType::Q8_0, vocab, dim, &mut rng));
-    let wq = img.put(&weights(DType::Q4_K, heads * hd, dim, &mut rng));
-    let wk = img.put(&weights(DType::BF16, kvh * hd, dim, &mut rng));
-    let wv = img.put(&weights(DType::Q6_K, kvh * hd, dim, &mut rng));
+    let wq = img.put(&weights(qkv[0], heads * hd, dim, &mut rng));
+    let wk = img.put(&weights(qkv[1], kvh * hd, dim, &mut rng));
+    let wv = img.put(&weights(qkv[2], kvh * hd, dim, &mut rng));
     let wo = img.put(&weights(DType::F16, dim, heads * hd, &mut rng));
     let wout = img.put(&weights(DType::Q8_0, vocab, dim, &mut rng));
     let norm = img.f32s(&vec![1.0; dim]);
@@ -90,9 +102,9 @@ fn replayed_graph_100_tokens_zero_copies() {
             },
             l,
         ),
-        mm(wq, DType::Q4_K, heads * hd, dim, ho, qo, 0),
-        mm(wk, DType::BF16, kvh * hd, dim, ho, ko, 0),
-        mm(wv, DType::Q6_K, kvh * hd, dim, ho, vo, 0),
+        mm(wq, qkv[0], heads * hd, dim, ho, qo, 0),
+        mm(wk, qkv[1], kvh * hd, dim, ho, ko, 0),
+        mm(wv, qkv[2], kvh * hd, dim, ho, vo, 0),
         // q/k norms keep the random model's attention scores moderate (well-conditioned).
         op(
             code::RMSNORM,
