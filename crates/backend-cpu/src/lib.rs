@@ -31,6 +31,7 @@ pub mod reference;
 mod region;
 mod rope;
 mod sample;
+pub use sample::sample as sample_op;
 
 pub use region::CpuRegion;
 

@@ -146,7 +146,11 @@ pub fn sample_logits(logits: &[f32], p: &SampleParams, history: &[u32], rng: &mu
     Ok(cand.last().map(|c| c.0).unwrap_or(0))
 }
 
-pub(crate) fn sample(mem: &Mem, s: &abi::Sample) -> Result<(), OpError> {
+/// The `sample` op on the host, over guest memory: reads the parameters, history and RNG
+/// state the guest wrote, checks them, and writes the token and the new RNG state. Other
+/// backends whose sampler runs on the host (wgpu) call this too, so every backend draws
+/// the same token from the same state.
+pub fn sample(mem: &Mem, s: &abi::Sample) -> Result<(), OpError> {
     let err = |m: String| OpError::runtime(format!("sample: {m}"));
     let p: SampleParams = mem
         .read_pod(s.params)
