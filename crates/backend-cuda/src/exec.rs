@@ -13,6 +13,7 @@ pub(crate) struct KCtx {
     pub base: u64,
     pub status: u64,
     pub scratch: u64,
+    pub counters: u64,
     pub op: u32,
     pub aux: u32,
 }
@@ -126,20 +127,44 @@ impl Drop for StatusWord {
 }
 
 /// Device scratch (`cuMemAlloc`), backend-internal: attention partials, sampler buffers.
+/// Also `COUNTERS` zeroed u32 words that kernels leave zero when they finish
+/// (attention's split counters), allocated with the first scratch.
 pub(crate) struct Scratch {
     ptr: u64,
     bytes: usize,
+    counters: u64,
 }
+
+/// Words in a scratch's counter buffer.
+pub(crate) const COUNTERS: usize = 4096;
 
 impl Scratch {
     pub fn empty() -> Scratch {
-        Scratch { ptr: 0, bytes: 0 }
+        Scratch {
+            ptr: 0,
+            bytes: 0,
+            counters: 0,
+        }
     }
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
+    pub fn counters(&self) -> u64 {
+        self.counters
+    }
     /// Make room for `bytes`; the caller makes sure nothing in flight uses the old buffer.
     pub fn ensure(&mut self, bytes: usize) -> Result<(), DriverError> {
+        if self.counters == 0 {
+            // SAFETY: a fresh allocation of COUNTERS words, zeroed before any use.
+            unsafe {
+                let p = result::malloc_sync(COUNTERS * 4)?;
+                if let Err(e) = result::memset_d8_sync(p, 0, COUNTERS * 4) {
+                    let _ = result::free_sync(p);
+                    return Err(e);
+                }
+                self.counters = p;
+            }
+        }
         if bytes <= self.bytes {
             return Ok(());
         }
@@ -160,18 +185,21 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if self.ptr != 0 {
-            // SAFETY: allocated by malloc_sync; owners synchronise before dropping.
-            let _ = unsafe { result::free_sync(self.ptr) };
+        for p in [self.ptr, self.counters] {
+            if p != 0 {
+                // SAFETY: allocated by malloc_sync; owners synchronise before dropping.
+                let _ = unsafe { result::free_sync(p) };
+            }
         }
     }
 }
 
-/// Attention splits over positions: decode (n == 1) spreads the cache over up to 32
-/// blocks per head; prefill has enough (query, head) blocks already.
+/// Attention splits over positions (the most; the kernel uses as many as the position
+/// needs, chunks of >= 16): decode (n == 1) spreads the cache over up to 64 blocks per
+/// head; prefill has enough (query, head) blocks already.
 pub(crate) fn attention_splits(a: &abi::Attention) -> u32 {
     if a.n == 1 {
-        a.ctx.div_ceil(64).clamp(1, 32)
+        a.ctx.div_ceil(16).clamp(1, 64)
     } else {
         1
     }
@@ -225,16 +253,61 @@ pub(crate) struct MatvecGroup {
 // SAFETY: #[repr(C)] of 4-byte scalars (Matmul is such a struct), no padding.
 unsafe impl samepage_abi::Pod for MatvecGroup {}
 
-/// The `aux` word of a matvec launch: alignment bits (see `MATMUL_KERNELS`).
-fn matvec_aux(base: u64, m: &abi::Matmul) -> u32 {
+/// Dense W load width code (`gemv_dense`, aux bits 2-3): 3: 16 bytes, 2: 8, 1: 4, 0: by
+/// element; the widest that the rows' start (base + w, and the row length) allows.
+fn dense_width(base: u64, m: &abi::Matmul, rb: usize) -> u32 {
+    let a = base + m.w as u64;
+    [(16u64, 3u32), (8, 2), (4, 1)]
+        .into_iter()
+        .find(|&(v, _)| a.is_multiple_of(v) && (rb as u64).is_multiple_of(v))
+        .map_or(0, |(_, c)| c)
+}
+
+/// log2 of the warps that share one row of a single-token matvec (`aux` bits 4-5, see
+/// `row_reduce` in matmul.cu): doubled while the launch has fewer than ~one full GPU of
+/// warps (8192: 132 SMs x 64) and each warp still gets a whole round of loads (dense: 8
+/// loads per lane; quantized: 2 staged chunks). `rows`: all rows of the launch (a
+/// group's sum); `width`: the dense load width code (0: by element, no split).
+fn matvec_split(dt: DType, k: u32, rows: u64, width: u32) -> u32 {
+    let per_warp_min = match dt {
+        DType::F32 | DType::F16 | DType::BF16 => {
+            if width == 0 {
+                return 0;
+            }
+            let vb = 2u32 << width; // bytes per load
+            32 * 8 * vb / dt.block_bytes() as u32
+        }
+        // Staged chunks (QChunk): 32 blocks of 32 elements or 8 of 256; two per warp.
+        _ => 2 * if dt.block_elems() == 32 { 32 * 32 } else { 8 * dt.block_elems() as u32 },
+    };
+    let mut ls = 0;
+    while ls < 3 && rows << (ls + 1) <= 8192 && k >> (ls + 1) >= per_warp_min {
+        ls += 1;
+    }
+    ls
+}
+
+/// Blocks of a single-token matvec launch of `m` rows at split `ls`.
+fn matvec_blocks(m: u32, ls: u32) -> u64 {
+    ((m as u64) << ls).div_ceil(8)
+}
+
+/// The `aux` word of a single-token matvec launch of `rows` rows in all (see
+/// `MATMUL_KERNELS`): alignment bits and the split; and the split.
+fn matvec_aux(base: u64, m: &abi::Matmul, rows: u64) -> (u32, u32) {
     let dt = DType::from_u32(m.dtype).expect("validated dtype");
     let rb = dt.row_bytes(m.k as usize).expect("validated shape");
     let w_al = (base + m.w as u64).is_multiple_of(16) && rb.is_multiple_of(16);
     let x_al = (base + m.x as u64).is_multiple_of(16);
-    match dt {
-        DType::F32 | DType::F16 | DType::BF16 => (w_al && x_al) as u32,
-        _ => w_al as u32 | (x_al as u32) << 1,
-    }
+    let (bits, width) = match dt {
+        DType::F32 | DType::F16 | DType::BF16 => {
+            let wd = dense_width(base, m, rb);
+            ((x_al as u32) << 1 | wd << 2, wd)
+        }
+        _ => (w_al as u32 | (x_al as u32) << 1, 0),
+    };
+    let ls = matvec_split(dt, m.k, rows, width);
+    (bits | ls << 4, ls)
 }
 
 /// Byte ranges `[start, end)` a matvec reads and the one it writes.
@@ -297,13 +370,18 @@ pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops
         aux: [0; 3],
     };
     let mut blocks = 0u64;
+    let rows: u64 = ops
+        .iter()
+        .map(|op| if let Op::Matmul(m) = op { m.m as u64 } else { 0 })
+        .sum();
     for (i, op) in ops.iter().enumerate() {
         let Op::Matmul(m) = *op else {
             return Err(OpError::runtime("cuda: a matvec group holds a non-matmul op"));
         };
+        let (aux, ls) = matvec_aux(c.base, &m, rows);
         g.m[i] = m;
-        g.aux[i] = matvec_aux(c.base, &m);
-        blocks += (m.m as u64).div_ceil(8);
+        g.aux[i] = aux;
+        blocks += matvec_blocks(m.m, ls);
         g.end[i] = u32::try_from(blocks).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
     }
     go(
@@ -431,13 +509,14 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
         Op::RmsNorm(r) => go(stream, &k.rmsnorm, c, r, cfg(r.n as u64, 256)?, "rmsnorm"),
         Op::Matmul(m) => {
             if m.n == 1 {
-                c.aux = matvec_aux(c.base, &m);
+                let (aux, ls) = matvec_aux(c.base, &m, m.m as u64);
+                c.aux = aux;
                 go(
                     stream,
                     &k.matvec[m.dtype as usize],
                     c,
                     m,
-                    cfg((m.m as u64).div_ceil(8), 256)?,
+                    cfg(matvec_blocks(m.m, ls), 256)?,
                     "matvec",
                 )
             } else {
@@ -470,10 +549,12 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
         ),
         Op::Attention(a) => {
             let s = attention_splits(&a);
-            c.aux = s;
             let blocks = a.n as u64 * a.n_heads as u64;
+            // The last split to finish merges (counters), else a combine launch.
+            let fused = c.counters != 0 && blocks <= COUNTERS as u64;
+            c.aux = s | (fused as u32) << 16;
             go(stream, &k.attention, c, a, cfg(blocks * s as u64, 128)?, "attention")?;
-            if s > 1 {
+            if s > 1 && !fused {
                 go(
                     stream,
                     &k.attention_combine,

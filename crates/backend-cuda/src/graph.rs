@@ -164,6 +164,7 @@ impl CudaOpGraph {
             base,
             status: self.status.dev(),
             scratch: self.scratch.ptr(),
+            counters: self.scratch.counters(),
             op: first as u32,
             aux: 0,
         };

@@ -273,6 +273,7 @@ impl Backend for CudaBackend {
                 base,
                 status: imm.status.dev(),
                 scratch: imm.scratch.ptr(),
+                counters: imm.scratch.counters(),
                 op: i as u32,
                 aux: 0,
             };

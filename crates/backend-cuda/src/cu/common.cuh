@@ -27,6 +27,7 @@ struct Ctx {
     u8* base;       // the region: guest offset 0
     u32* status;    // [flag, op index, reason, a, b]: host-mapped, read after wait
     float* scratch; // backend-owned device scratch (attention partials, sampler)
+    u32* counters;  // backend-owned zeroed device words, left zero by every kernel (attention)
     u32 op;         // index of this op in its list, for error reports
     u32 aux;        // op-specific launch parameter (attention: splits)
 };

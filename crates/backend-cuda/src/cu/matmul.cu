@@ -21,77 +21,115 @@ __device__ __forceinline__ void load_x8(const float* x, float* xs, bool xa) {
     }
 }
 
-// Dense f32/f16/bf16 matvec. `vec`: W rows and x are 16-byte aligned (checked on the
-// host), so each lane streams 16-byte chunks, UNROLL of them in flight.
-template <u32 DT>
-__device__ void gemv_dense(const Ctx& c, const Matmul& mm, bool vec, u32 bx) {
-    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 row = bx * (blockDim.x >> 5) + warp;
-    if (row >= mm.m) return;
-    const u8* w = c.base + mm.w + (u64)row * row_bytes(DT, mm.k);
-    const float* x = at<float>(c, mm.x);
-    float acc = 0.0f;
-    if (vec) {
-        constexpr u32 EPC = DT == DT_F32 ? 4 : 8; // elements per 16-byte chunk
-        constexpr int UNROLL = 8;
-        const u32 chunks = mm.k / EPC;
-        const uint4* w4 = (const uint4*)w;
-        u32 ch = lane;
-        for (; ch + 32 * (UNROLL - 1) < chunks; ch += 32 * UNROLL) {
-            uint4 r[UNROLL];
-#pragma unroll
-            for (int u = 0; u < UNROLL; u++) r[u] = __ldg(w4 + ch + 32 * u);
-#pragma unroll
-            for (int u = 0; u < UNROLL; u++) {
-                const u32* p = (const u32*)&r[u];
-                const float* xp = x + (u64)(ch + 32 * u) * EPC;
-                if (DT == DT_F32) {
-                    float4 xv = __ldg((const float4*)xp);
-                    acc += __uint_as_float(p[0]) * xv.x + __uint_as_float(p[1]) * xv.y
-                         + __uint_as_float(p[2]) * xv.z + __uint_as_float(p[3]) * xv.w;
-                } else {
-                    float xs[8];
-                    load_x8(xp, xs, true);
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        u16 lo = p[e] & 0xFFFF, hi = p[e] >> 16;
-                        float w0 = DT == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
-                        float w1 = DT == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
-                        acc += w0 * xs[2 * e] + w1 * xs[2 * e + 1];
-                    }
-                }
-            }
-        }
-        for (; ch < chunks; ch += 32) {
-            uint4 r = __ldg(w4 + ch);
-            const u32* p = (const u32*)&r;
-            const float* xp = x + (u64)ch * EPC;
-            if (DT == DT_F32) {
-                float4 xv = __ldg((const float4*)xp);
-                acc += __uint_as_float(p[0]) * xv.x + __uint_as_float(p[1]) * xv.y
-                     + __uint_as_float(p[2]) * xv.z + __uint_as_float(p[3]) * xv.w;
-            } else {
-                float xs[8];
-                load_x8(xp, xs, true);
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    u16 lo = p[e] & 0xFFFF, hi = p[e] >> 16;
-                    float w0 = DT == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
-                    float w1 = DT == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
-                    acc += w0 * xs[2 * e] + w1 * xs[2 * e + 1];
-                }
-            }
-        }
-    } else {
-        for (u32 i = lane; i < mm.k; i += 32) acc += dq_elem(DT, w, i) * x[i];
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) store_out(c, mm, 0, row, acc);
+// Split rows (aux bits 4-5 = log2 warps per row, "wpr"): a block of 8 warps holds
+// 8 / wpr rows; the wpr warps of a row stride over its k and their sums meet in shared
+// memory. Long rows (down: k = 8192, m = 2048) so get enough warps to fill every SM.
+__device__ __forceinline__ float row_reduce(float acc, u32 warp, u32 lane, u32 ls) {
+    __shared__ float red[8];
+    if (ls == 0) return acc;
+    if (lane == 0) red[warp] = acc;
+    __syncthreads();
+    float t = 0.0f;
+    if ((warp & ((1u << ls) - 1)) == 0)
+        for (u32 w = 0; w < (1u << ls); w++) t += red[warp + w];
+    return t;
 }
 
-// Quantized matvec: a warp per row. The row's bytes are staged through shared memory
-// in chunks of CB blocks (a multiple of 16 bytes), the next chunk's loads in flight
-// while the current one is decoded; each lane then takes 32-element units.
+// Dense f32/f16/bf16 matvec. aux bits 2-3: the widest load each lane streams W with
+// (3: 16 bytes, 2: 8, 1: 4; 0: element by element), from the alignment of W's rows
+// (checked on the host: safetensors data is often only 8-byte aligned); aux bit 1: x
+// 16-byte aligned (float4 loads). UNROLL loads in flight per lane.
+template <u32 VB> struct VecT;
+template <> struct VecT<16> { typedef uint4 T; };
+template <> struct VecT<8> { typedef uint2 T; };
+template <> struct VecT<4> { typedef u32 T; };
+
+template <u32 DT, u32 VB, bool XA>
+__device__ __forceinline__ float dense_chunk(const typename VecT<VB>::T& r, const float* xp) {
+    constexpr u32 NW = VB / 4, EPC = DT == DT_F32 ? NW : 2 * NW;
+    const u32* p = (const u32*)&r;
+    float xs[EPC];
+    if (EPC % 4 == 0 && XA) {
+#pragma unroll
+        for (u32 j = 0; j < EPC / 4; j++) {
+            float4 v = __ldg((const float4*)xp + j);
+            xs[4 * j] = v.x; xs[4 * j + 1] = v.y; xs[4 * j + 2] = v.z; xs[4 * j + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (u32 j = 0; j < EPC; j++) xs[j] = __ldg(xp + j);
+    }
+    float acc = 0.0f;
+#pragma unroll
+    for (u32 e = 0; e < NW; e++) {
+        if (DT == DT_F32) {
+            acc += __uint_as_float(p[e]) * xs[e];
+        } else {
+            u16 lo = p[e] & 0xFFFF, hi = p[e] >> 16;
+            float w0 = DT == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+            float w1 = DT == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+            acc += w0 * xs[2 * e] + w1 * xs[2 * e + 1];
+        }
+    }
+    return acc;
+}
+
+template <u32 DT, u32 VB, bool XA>
+__device__ __forceinline__ float dense_row(const u8* w, const float* x, u32 k, u32 sub, u32 lane, u32 wpr) {
+    typedef typename VecT<VB>::T V;
+    constexpr u32 EPC = DT == DT_F32 ? VB / 4 : VB / 2;
+    constexpr int UNROLL = 8;
+    const u32 chunks = k / EPC, S = 32 * wpr;
+    const V* wv = (const V*)w;
+    float acc = 0.0f;
+    u32 ch = sub * 32 + lane;
+    for (; ch + S * (UNROLL - 1) < chunks; ch += S * UNROLL) {
+        V r[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) r[u] = __ldg(wv + ch + S * u);
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) acc += dense_chunk<DT, VB, XA>(r[u], x + (u64)(ch + S * u) * EPC);
+    }
+    for (; ch < chunks; ch += S) acc += dense_chunk<DT, VB, XA>(__ldg(wv + ch), x + (u64)ch * EPC);
+    return acc;
+}
+
+template <u32 DT>
+__device__ void gemv_dense(const Ctx& c, const Matmul& mm, bool, u32 bx) {
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 ls = (c.aux >> 4) & 3, wpr = 1u << ls, sub = warp & (wpr - 1);
+    const u32 row = bx * (8u >> ls) + (warp >> ls);
+    const bool ok = row < mm.m;
+    if (ls == 0 && !ok) return;
+    float acc = 0.0f;
+    if (ok) {
+        const u8* w = c.base + mm.w + (u64)row * row_bytes(DT, mm.k);
+        const float* x = at<float>(c, mm.x);
+        const bool xa = c.aux & 2;
+        switch ((c.aux >> 2) & 3) {
+        case 3:
+            acc = xa ? dense_row<DT, 16, true>(w, x, mm.k, sub, lane, wpr)
+                     : dense_row<DT, 16, false>(w, x, mm.k, sub, lane, wpr);
+            break;
+        case 2:
+            acc = xa ? dense_row<DT, 8, true>(w, x, mm.k, sub, lane, wpr)
+                     : dense_row<DT, 8, false>(w, x, mm.k, sub, lane, wpr);
+            break;
+        case 1: acc = dense_row<DT, 4, false>(w, x, mm.k, sub, lane, wpr); break;
+        default:
+            if (sub == 0)
+                for (u32 i = lane; i < mm.k; i += 32) acc += dq_elem(DT, w, i) * x[i];
+        }
+    }
+    acc = warp_sum(acc);
+    acc = row_reduce(acc, warp, lane, ls);
+    if (ok && sub == 0 && lane == 0) store_out(c, mm, 0, row, acc);
+}
+
+// Quantized matvec: a warp (or wpr warps, see above) per row. The row's bytes are staged
+// through shared memory in chunks of CB blocks (a multiple of 16 bytes), the warp's next
+// chunk's loads in flight while the current one is decoded; each lane then takes
+// 32-element units. The wpr warps of a row take every wpr-th chunk.
 template <u32 DT> struct QChunk { static constexpr u32 CB = blk_elems(DT) == 32 ? 32 : 8; };
 #define QCHUNK_MAX 1680  // Q6_K: 8 * 210 bytes; the largest chunk
 #define QREG ((QCHUNK_MAX / 16 + 31) / 32)
@@ -102,15 +140,18 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
     constexpr u32 CB = QChunk<DT>::CB, BB = blk_bytes(DT), BE = blk_elems(DT), UPB = BE / 32;
     constexpr u32 CHUNK = CB * BB;
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 row = bx * (blockDim.x >> 5) + warp;
-    if (row >= mm.m) return;
+    const u32 ls = (c.aux >> 4) & 3, wpr = 1u << ls, sub = warp & (wpr - 1);
+    const u32 row = bx * (8u >> ls) + (warp >> ls);
+    const bool ok = row < mm.m;
+    if (ls == 0 && !ok) return;
+    float acc = 0.0f;
+    if (ok) {
     const u32 nb = mm.k / BE;
     const u64 rb = (u64)nb * BB;
     const u8* w = c.base + mm.w + (u64)row * rb;
     const float* x = at<float>(c, mm.x);
     u8* s = stage[warp];
     const u32 nchunks = (nb + CB - 1) / CB;
-    float acc = 0.0f;
     uint4 r[QREG];
     auto fetch = [&](u32 ci) {
         u32 bytes = (u32)min((u64)CHUNK, rb - (u64)ci * CHUNK);
@@ -121,8 +162,8 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
             if (idx * 16 < bytes) r[i] = __ldg(src + idx);
         }
     };
-    if (vec) fetch(0);
-    for (u32 ci = 0; ci < nchunks; ci++) {
+    if (vec && sub < nchunks) fetch(sub);
+    for (u32 ci = sub; ci < nchunks; ci += wpr) {
         u32 bytes = (u32)min((u64)CHUNK, rb - (u64)ci * CHUNK);
         __syncwarp();
         if (vec) {
@@ -131,7 +172,7 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
                 u32 idx = lane + 32 * i;
                 if (idx * 16 < bytes) ((uint4*)s)[idx] = r[i];
             }
-            if (ci + 1 < nchunks) fetch(ci + 1);
+            if (ci + wpr < nchunks) fetch(ci + wpr);
         } else {
             const u16* src = (const u16*)(w + (u64)ci * CHUNK);
             for (u32 idx = lane; idx < bytes / 2; idx += 32) ((u16*)s)[idx] = src[idx];
@@ -141,16 +182,18 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
         const u32 units = bytes / BB * UPB;
         const u32 sl = lane & 7;
         for (u32 u = lane >> 3; u < units; u += 4) {
-            u32 blk = u / UPB, sub = u % UPB;
+            u32 blk = u / UPB, sub2 = u % UPB;
             const float* xp = x + ((u64)ci * CB * BE + (u64)u * 32 + sl * 4);
             float4 xv;
             if (xa) xv = __ldg((const float4*)xp);
             else xv = make_float4(__ldg(xp), __ldg(xp + 1), __ldg(xp + 2), __ldg(xp + 3));
-            acc += dot4<DT>(s + blk * BB, sub, sl, xv);
+            acc += dot4<DT>(s + blk * BB, sub2, sl, xv);
         }
     }
+    }
     acc = warp_sum(acc);
-    if (lane == 0) store_out(c, mm, 0, row, acc);
+    acc = row_reduce(acc, warp, lane, ls);
+    if (ok && sub == 0 && lane == 0) store_out(c, mm, 0, row, acc);
 }
 
 // Tiled matmul for n > 1: 64 rows x 64 tokens per block, K in steps of 32, each of
@@ -200,7 +243,9 @@ __device__ void gemm_tiled(const Ctx& c, const Matmul& mm) {
         }
 }
 
-// aux bit 0: weights and x 16-byte aligned (vector path); bit 1: x 16-byte aligned.
+// aux (quantized) bit 0: weights 16-byte aligned (vector path); bit 1: x 16-byte aligned;
+// (dense) bit 1: x 16-byte aligned, bits 2-3: W load width (see gemv_dense);
+// bits 4-5: log2 of the warps per row (the launch has ceil(m * wpr / 8) blocks).
 // matvecs_<dtype>: up to 3 matvecs of one dtype in one launch (fused at record time:
 // q/k/v or gate/up reading the same x); block b belongs to the first i with b < end[i].
 struct MatvecGroup { Matmul m[3]; u32 count, end[3], aux[3]; };
