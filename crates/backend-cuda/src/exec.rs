@@ -278,7 +278,13 @@ fn matvec_split(dt: DType, k: u32, rows: u64, width: u32) -> u32 {
             32 * 8 * vb / dt.block_bytes() as u32
         }
         // Staged chunks (QChunk): 32 blocks of 32 elements or 8 of 256; two per warp.
-        _ => 2 * if dt.block_elems() == 32 { 32 * 32 } else { 8 * dt.block_elems() as u32 },
+        _ => {
+            2 * if dt.block_elems() == 32 {
+                32 * 32
+            } else {
+                8 * dt.block_elems() as u32
+            }
+        }
     };
     let mut ls = 0;
     while ls < 3 && rows << (ls + 1) <= 8192 && k >> (ls + 1) >= per_warp_min {
