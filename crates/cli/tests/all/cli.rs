@@ -12,6 +12,13 @@ fn samepage(args: &[&str]) -> Output {
         .expect("run samepage")
 }
 
+/// `samepage run -m MODEL ARGS...`
+fn run(model: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["run", "-m", model.to_str().unwrap()];
+    all.extend_from_slice(args);
+    samepage(&all)
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("samepage-cli-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -86,18 +93,10 @@ fn write_gguf(path: &Path, tensors: &[(&str, u32, &[u64])], data_len: u64) {
 #[test]
 fn the_capital_of_france_is_paris() {
     let m = smollm2();
-    let out = samepage(&[
-        "run",
-        "-m",
-        m.to_str().unwrap(),
-        "-p",
-        "The capital of France is",
-        "--raw",
-        "--temp",
-        "0",
-        "-n",
-        "4",
-    ]);
+    let out = run(
+        &m,
+        &["-p", "The capital of France is", "--raw", "--temp", "0", "-n", "4"],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.starts_with(" Paris"), "continued with {stdout:?}");
@@ -108,17 +107,7 @@ fn the_capital_of_france_is_paris() {
 #[test]
 fn chat_completion_with_the_template() {
     let m = smollm2();
-    let out = samepage(&[
-        "run",
-        "-m",
-        m.to_str().unwrap(),
-        "-p",
-        "What is 2+2?",
-        "--temp",
-        "0",
-        "-n",
-        "16",
-    ]);
+    let out = run(&m, &["-p", "What is 2+2?", "--temp", "0", "-n", "16"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains('4'), "answer: {stdout:?}");
@@ -181,18 +170,7 @@ fn invalid_utf8_in_the_prompt_is_handled() {
     let m = smollm2();
     let p = tmp("bad-utf8.txt");
     std::fs::write(&p, b"Hello \xff\xfe world, the capital of France is").unwrap();
-    let out = samepage(&[
-        "run",
-        "-m",
-        m.to_str().unwrap(),
-        "-f",
-        p.to_str().unwrap(),
-        "--raw",
-        "--temp",
-        "0",
-        "-n",
-        "2",
-    ]);
+    let out = run(&m, &["-f", p.to_str().unwrap(), "--raw", "--temp", "0", "-n", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -210,10 +188,10 @@ fn a_truncated_gguf_is_refused() {
     let bytes = std::fs::read(&m).unwrap();
     let p = tmp("truncated.gguf");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    fails_with(&samepage(&["run", "-m", p.to_str().unwrap(), "-p", "hi"]), "truncated");
+    fails_with(&run(&p, &["-p", "hi"]), "truncated");
     let p = tmp("truncated-header.gguf");
     std::fs::write(&p, &bytes[..100_000]).unwrap();
-    fails_with(&samepage(&["run", "-m", p.to_str().unwrap(), "-p", "hi"]), "truncated");
+    fails_with(&run(&p, &["-p", "hi"]), "truncated");
 }
 
 #[test]
@@ -221,7 +199,7 @@ fn an_unsupported_tensor_type_is_named() {
     let p = tmp("q2k.gguf");
     // ggml type 10 is Q2_K, which samepage does not support.
     write_gguf(&p, &[("token_embd.weight", 10, &[256, 256])], 8192);
-    fails_with(&samepage(&["run", "-m", p.to_str().unwrap(), "-p", "hi"]), "q2_k");
+    fails_with(&run(&p, &["-p", "hi"]), "q2_k");
 }
 
 #[test]
@@ -229,36 +207,27 @@ fn a_model_too_big_for_wasm32_says_so() {
     let p = tmp("huge.gguf");
     // An 8 GiB f32 tensor, in a sparse file.
     write_gguf(&p, &[("token_embd.weight", 0, &[65536, 32768])], 8 << 30);
-    fails_with(&samepage(&["run", "-m", p.to_str().unwrap(), "-p", "hi"]), "4 GiB");
+    fails_with(&run(&p, &["-p", "hi"]), "4 GiB");
     let _ = std::fs::remove_file(&p);
 }
 
 #[test]
 fn a_context_longer_than_the_model_supports_is_refused() {
     let m = smollm2();
-    fails_with(
-        &samepage(&["run", "-m", m.to_str().unwrap(), "-p", "hi", "--ctx", "100000"]),
-        "8192",
-    );
+    fails_with(&run(&m, &["-p", "hi", "--ctx", "100000"]), "8192");
 }
 
 #[test]
 fn a_prompt_longer_than_the_context_is_refused() {
     let m = smollm2();
     let long = "word ".repeat(300);
-    fails_with(
-        &samepage(&["run", "-m", m.to_str().unwrap(), "-p", &long, "--raw", "--ctx", "64"]),
-        "context",
-    );
+    fails_with(&run(&m, &["-p", &long, "--raw", "--ctx", "64"]), "context");
 }
 
 #[test]
 fn an_unknown_backend_is_refused() {
     let m = smollm2();
-    fails_with(
-        &samepage(&["run", "-m", m.to_str().unwrap(), "-p", "hi", "--backend", "tpu"]),
-        "tpu",
-    );
+    fails_with(&run(&m, &["-p", "hi", "--backend", "tpu"]), "tpu");
 }
 
 #[test]
