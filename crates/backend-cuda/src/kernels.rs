@@ -55,6 +55,8 @@ pub struct Kernels {
     pub rmsnorm: CudaFunction,
     pub rope: CudaFunction,
     pub kv_store: CudaFunction,
+    /// rope(q) + rope(k) + kv_store of one token (record-time fusion).
+    pub rope_kv: CudaFunction,
     pub attention: CudaFunction,
     pub attention_combine: CudaFunction,
     pub swiglu: CudaFunction,
@@ -95,6 +97,7 @@ impl Kernels {
             rmsnorm: f("rmsnorm")?,
             rope: f("rope")?,
             kv_store: f("kv_store")?,
+            rope_kv: f("rope_kv")?,
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
             swiglu: f("swiglu")?,

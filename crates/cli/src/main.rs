@@ -157,6 +157,12 @@ impl RunArgs {
 }
 
 fn main() {
+    // Probing for a Vulkan device loads the window-system libraries, and libwayland prints
+    // "error: XDG_RUNTIME_DIR is invalid or not set" on headless machines, which reads as
+    // our own error. Give it a directory; this runs before any thread exists.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) if a.chat => chat(a),

@@ -67,6 +67,59 @@ extern "C" __global__ void rope(const Ctx c, const Rope r) {
     }
 }
 
+// One head of one token: rotate the pairs of v (the body of `rope`).
+__device__ void rope_head(const Rope& r, u32 p, float* v) {
+    u32 half = r.n_rot / 2;
+    for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
+        double s, co;
+        sincos((double)p * rope_freq(r, j), &s, &co);
+        float fs = (float)s, fc = (float)co;
+        u32 a = r.mode == 0 ? 2 * j : j, b = r.mode == 0 ? 2 * j + 1 : j + half;
+        float x0 = v[a], x1 = v[b];
+        v[a] = x0 * fc - x1 * fs;
+        v[b] = x0 * fs + x1 * fc;
+    }
+}
+
+// Record-time fusion of rope(q), rope(k), kv_store(k, v) for one token (graph.rs
+// `plan`, exec.rs `rope_kv_fusable`): q.n_heads + k.n_heads blocks; a k block rotates its
+// head in place, then (after a barrier: the block's own writes are visible) copies the
+// k and v head into the cache, exactly as the three ops one after another would.
+struct RopeKv { Rope q, k; KvStore s; };
+extern "C" __global__ void rope_kv(const Ctx c, const RopeKv f) {
+    PDL_ENTER();
+    u32 b = blockIdx.x;
+    if (b < f.q.n_heads) {
+        u32 p = at<u32>(c, f.q.positions)[0];
+        rope_head(f.q, p, at<float>(c, f.q.x) + (u64)b * f.q.head_dim);
+        return;
+    }
+    u32 h = b - f.q.n_heads;
+    u32 p = at<u32>(c, f.k.positions)[0];
+    float* kh = at<float>(c, f.k.x) + (u64)h * f.k.head_dim;
+    rope_head(f.k, p, kh);
+    __syncthreads();
+    const KvStore& s = f.s;
+    u32 pos = *at<u32>(c, s.pos);
+    if ((u64)pos + 1 > s.ctx) {
+        if (threadIdx.x == 0) report(c, ERR_KV_POS, pos, 1);
+        return;
+    }
+    u64 src = (u64)h * s.head_dim;
+    u64 dst = ((u64)h * s.ctx + pos) * s.head_dim;
+    const float* k = at<float>(c, s.k) + src;
+    const float* v = at<float>(c, s.v) + src;
+    for (u32 d = threadIdx.x; d < s.head_dim; d += blockDim.x) {
+        if (s.cache_dtype == DT_F16) {
+            at<u16>(c, s.k_cache)[dst + d] = f32_to_f16(k[d]);
+            at<u16>(c, s.v_cache)[dst + d] = f32_to_f16(v[d]);
+        } else {
+            at<float>(c, s.k_cache)[dst + d] = k[d];
+            at<float>(c, s.v_cache)[dst + d] = v[d];
+        }
+    }
+}
+
 // grid: n * n_kv_heads blocks.
 extern "C" __global__ void kv_store(const Ctx c, const KvStore s) {
     PDL_ENTER();
