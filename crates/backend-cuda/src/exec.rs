@@ -367,6 +367,61 @@ pub(crate) fn groupable(ops: &[Op]) -> bool {
     true
 }
 
+/// `struct RopeKv` of `cu/ops.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeKv {
+    q: abi::Rope,
+    k: abi::Rope,
+    s: abi::KvStore,
+}
+// SAFETY: #[repr(C)] of 4-byte scalars, no padding.
+unsafe impl samepage_abi::Pod for RopeKv {}
+
+/// Whether `ops` are rope(q), rope(k), kv_store(k, v) of one token that one `rope_kv`
+/// launch runs with the same results: kv_store stores the rotated k, and no op writes
+/// what another reads or writes except that (k is rotated before it is copied).
+pub(crate) fn rope_kv_fusable(ops: &[Op]) -> bool {
+    let [Op::Rope(q), Op::Rope(k), Op::KvStore(s)] = *ops else {
+        return false;
+    };
+    if q.n != 1 || k.n != 1 || s.n != 1 || s.k != k.x || s.n_kv_heads != k.n_heads || s.head_dim != k.head_dim {
+        return false;
+    }
+    let span = |x: u32, len: u64| (x as u64, x as u64 + len);
+    let qr = span(q.x, q.n_heads as u64 * q.head_dim as u64 * 4);
+    let kr = span(k.x, k.n_heads as u64 * k.head_dim as u64 * 4);
+    let vr = span(s.v, kr.1 - kr.0);
+    let eb = if s.cache_dtype == DType::F16 as u32 { 2 } else { 4 };
+    let cb = s.n_kv_heads as u64 * s.ctx as u64 * s.head_dim as u64 * eb;
+    let (kc, vc) = (span(s.k_cache, cb), span(s.v_cache, cb));
+    let writes = [qr, kr, kc, vc];
+    let reads = [vr, span(q.positions, 4), span(k.positions, 4), span(s.pos, 4)];
+    for (i, w) in writes.iter().enumerate() {
+        if writes.iter().enumerate().any(|(j, o)| i != j && overlap(*w, *o)) || reads.iter().any(|r| overlap(*w, *r)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Enqueue ops accepted by [`rope_kv_fusable`] as one launch (`c.op`: the kv_store's).
+pub(crate) fn launch_rope_kv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
+    let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s)] = *ops else {
+        return Err(OpError::runtime("cuda: not a rope/rope/kv_store group"));
+    };
+    let block = |r: &abi::Rope| (r.n_rot / 2).div_ceil(32).clamp(1, 8) * 32;
+    let f = RopeKv { q, k: kr, s };
+    go(
+        stream,
+        &k.rope_kv,
+        c,
+        f,
+        cfg(q.n_heads as u64 + kr.n_heads as u64, block(&q).max(block(&kr)))?,
+        "rope_kv",
+    )
+}
+
 /// Enqueue a group accepted by [`groupable`] as one launch.
 pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
     let mut g = MatvecGroup {

@@ -20,14 +20,24 @@ enum Step {
     One(usize),
     /// `len` single-token matvecs sharing x (`exec::groupable`) as one `matvecs` launch.
     Matvecs(usize, usize),
+    /// rope(q), rope(k), kv_store of one token (`exec::rope_kv_fusable`) as one launch.
+    RopeKv(usize),
 }
 
 /// Fuse what can be fused without changing results; `SAMEPAGE_CUDA_FUSE=0` turns it off.
+/// rope(q), rope(k), kv_store of one token first, then matvec groups.
 fn plan(ops: &[Op]) -> Vec<Step> {
     let fuse = std::env::var("SAMEPAGE_CUDA_FUSE").as_deref() != Ok("0");
+    // `SAMEPAGE_CUDA_FUSE_ROPE_KV=0`: only this fusion off (A/B in one binary).
+    let rope_kv = fuse && std::env::var("SAMEPAGE_CUDA_FUSE_ROPE_KV").as_deref() != Ok("0");
     let mut steps = Vec::with_capacity(ops.len());
     let mut i = 0;
     while i < ops.len() {
+        if rope_kv && i + 3 <= ops.len() && exec::rope_kv_fusable(&ops[i..i + 3]) {
+            steps.push(Step::RopeKv(i));
+            i += 3;
+            continue;
+        }
         let len = if fuse {
             (2..=3)
                 .rev()
@@ -159,6 +169,7 @@ impl CudaOpGraph {
         let (first, ops) = match step {
             Step::One(i) => (i, &self.ops[i..i + 1]),
             Step::Matvecs(i, len) => (i, &self.ops[i..i + len]),
+            Step::RopeKv(i) => (i + 2, &self.ops[i..i + 3]),
         };
         let c = KCtx {
             base,
@@ -171,6 +182,7 @@ impl CudaOpGraph {
         match step {
             Step::One(_) => exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0]),
             Step::Matvecs(..) => exec::launch_matvec_group(&inner.kernels, &inner.stream, c, ops),
+            Step::RopeKv(_) => exec::launch_rope_kv(&inner.kernels, &inner.stream, c, ops),
         }
     }
 
@@ -213,6 +225,7 @@ impl CudaOpGraph {
                         Op::Matmul(m) => format!("matvecs x{len} k={} m0={}", m.k, m.m),
                         _ => "matvecs".into(),
                     },
+                    Step::RopeKv(_) => "rope+rope+kv_store".into(),
                 };
                 total += ms;
                 match by.iter_mut().find(|b| b.0 == name) {
@@ -336,5 +349,50 @@ impl Drop for CudaOpGraph {
     fn drop(&mut self) {
         // The scratch and status word must outlive any launch still running.
         let _ = self.inner.stream.synchronize();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use samepage_abi as abi;
+
+    fn rope_kv_ops(v: u32) -> Vec<Op> {
+        let rope = |x, h| {
+            Op::Rope(abi::Rope {
+                x,
+                n: 1,
+                n_heads: h,
+                head_dim: 64,
+                n_rot: 64,
+                mode: abi::ROPE_HALF,
+                positions: 0,
+                freq_base: 10000.0,
+                ..Default::default()
+            })
+        };
+        let s = abi::KvStore {
+            k: 8192,
+            v,
+            n: 1,
+            n_kv_heads: 2,
+            head_dim: 64,
+            k_cache: 1 << 16,
+            v_cache: 1 << 17,
+            cache_dtype: samepage_abi::DType::F32 as u32,
+            ctx: 16,
+            pos: 0,
+        };
+        vec![rope(4096, 8), rope(8192, 2), Op::KvStore(s)]
+    }
+
+    /// The guest's rope(q), rope(k), kv_store(k, v) fuse; with v inside q they don't.
+    #[test]
+    fn plan_fuses_rope_kv_store_only_when_disjoint() {
+        assert!(matches!(plan(&rope_kv_ops(12288))[..], [Step::RopeKv(0)]));
+        assert!(matches!(
+            plan(&rope_kv_ops(4096 + 256))[..],
+            [Step::One(0), Step::One(1), Step::One(2)]
+        ));
     }
 }

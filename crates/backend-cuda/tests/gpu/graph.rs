@@ -225,3 +225,111 @@ fn replay(qkv: [DType; 3]) {
     );
     assert_eq!(copy_calls(), 0, "explicit copies during replay");
 }
+
+/// rope(q), rope(k), kv_store of one token: the backend runs them as one `rope_kv`
+/// launch at record time (Llama-3 scaling, both rope modes, partial rotation, f32 and
+/// f16 caches); q, k and both caches must match the CPU's op-by-op results at every
+/// position, and a position past the cache must still fail as kv_store.
+#[test]
+fn replayed_graph_with_fused_rope_kv_store() {
+    let Some(gpu) = cuda() else { return };
+    let cpu = cpu();
+    let (heads, kvh, hd, ctx) = (8usize, 2usize, 64usize, 24usize);
+    let mut worst: f64 = 0.0;
+    for (mode, n_rot, scaled, cache) in [
+        (abi::ROPE_HALF, 64u32, true, DType::F32),
+        (abi::ROPE_INTERLEAVED, 48, false, DType::F16),
+    ] {
+        let mut rng = Rng::new(31);
+        let mut img = Image::default();
+        let eb = if cache == DType::F16 { 2 } else { 4 };
+        let kc = img.put(&vec![0; eb * kvh * ctx * hd]);
+        let vc = img.put(&vec![0; eb * kvh * ctx * hd]);
+        let (qv, kv, vv) = (rng.f32s(heads * hd), rng.f32s(kvh * hd), rng.f32s(kvh * hd));
+        let (qo, ko, vo) = (img.f32s(&qv), img.f32s(&kv), img.f32s(&vv));
+        let pos = img.u32s(&[0]);
+        let l = img.size();
+        let rope = |x, h: usize| abi::Rope {
+            x,
+            n: 1,
+            n_heads: h as u32,
+            head_dim: hd as u32,
+            n_rot,
+            mode,
+            positions: pos,
+            freq_base: 500000.0,
+            scaling_factor: if scaled { 32.0 } else { 0.0 },
+            low_freq_factor: if scaled { 1.0 } else { 0.0 },
+            high_freq_factor: if scaled { 4.0 } else { 0.0 },
+            original_context: if scaled { 8192 } else { 0 },
+        };
+        let ops = vec![
+            op(code::ROPE, &rope(qo, heads), l),
+            op(code::ROPE, &rope(ko, kvh), l),
+            op(
+                code::KV_STORE,
+                &abi::KvStore {
+                    k: ko,
+                    v: vo,
+                    n: 1,
+                    n_kv_heads: kvh as u32,
+                    head_dim: hd as u32,
+                    k_cache: kc,
+                    v_cache: vc,
+                    cache_dtype: cache as u32,
+                    ctx: ctx as u32,
+                    pos,
+                },
+                l,
+            ),
+        ];
+        let (rg, rc) = (load(&gpu, &img), load(&cpu, &img));
+        let mut g = gpu.record(ops.clone()).unwrap();
+        let mut cg = cpu.record(ops).unwrap();
+        for step in 0..=ctx as u32 {
+            let (q, k, v) = (rng.f32s(heads * hd), rng.f32s(kvh * hd), rng.f32s(kvh * hd));
+            for r in [&rg, &rc] {
+                for (at, x) in [(qo, &q), (ko, &k), (vo, &v)] {
+                    for (i, f) in x.iter().enumerate() {
+                        r.mem().write_u32(at + 4 * i as u32, f.to_bits()).unwrap();
+                    }
+                }
+                r.mem().write_u32(pos, step).unwrap();
+            }
+            g.launch(rg.mem()).unwrap();
+            let res = g.wait();
+            if step == ctx as u32 {
+                let e = res.expect_err("a position past the cache must fail").to_string();
+                assert!(e.contains("op 2") && e.contains("kv_store"), "{e}");
+                break;
+            }
+            res.unwrap();
+            cg.launch(rc.mem()).unwrap();
+            cg.wait().unwrap();
+            let (a, b) = (snapshot(&rg), snapshot(&rc));
+            for (at, n) in [(qo, heads * hd), (ko, kvh * hd)] {
+                let e = samepage_backend_cpu::reference::rel_err(&read_f32s(&a, at, n), &read_f32s(&b, at, n));
+                worst = worst.max(e);
+                assert!(e < 1e-5, "step {step}: q/k differ from the CPU by {e:.2e}");
+            }
+            let cb = eb * kvh * ctx * hd;
+            for at in [kc, vc] {
+                let (x, y) = (&a[at as usize..at as usize + cb], &b[at as usize..at as usize + cb]);
+                if cache == DType::F32 {
+                    let e =
+                        samepage_backend_cpu::reference::rel_err(&read_f32s(x, 0, cb / 4), &read_f32s(y, 0, cb / 4));
+                    worst = worst.max(e);
+                    assert!(e < 1e-5, "step {step}: cache differs from the CPU by {e:.2e}");
+                } else {
+                    // f16 words: equal, or one ulp apart (rounding of a value that differs
+                    // in its last f32 bit).
+                    for (i, (u, w)) in x.chunks_exact(2).zip(y.chunks_exact(2)).enumerate() {
+                        let (u, w) = (u16::from_le_bytes([u[0], u[1]]), u16::from_le_bytes([w[0], w[1]]));
+                        assert!(u.abs_diff(w) <= 1, "step {step}: f16 cache word {i}: {u:#x} vs {w:#x}");
+                    }
+                }
+            }
+        }
+    }
+    println!("fused rope+rope+kv_store: worst rel err vs cpu {worst:.2e}");
+}
