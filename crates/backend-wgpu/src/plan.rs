@@ -75,7 +75,9 @@ impl Builder {
     }
 
     /// Row chunks `[r0, r1)` of a `(rows, row_bytes)` weight that each fit a binding.
-    fn row_chunks(&self, rows: u32, row_bytes: usize) -> Result<Vec<(u32, u32)>, OpError> {
+    /// Rows `[r0, r1)` of a weight matrix at `base`, split so each chunk fits one binding,
+    /// with the chunk's binding in slot 1.
+    fn row_chunks(&self, base: u32, rows: u32, row_bytes: usize) -> Result<Vec<(u32, u32, Binding)>, OpError> {
         let per = (self.lim.max_tensor / row_bytes.max(1)).min(u32::MAX as usize) as u32;
         if per == 0 {
             return Err(OpError::unsupported(format!(
@@ -85,7 +87,12 @@ impl Builder {
         }
         Ok((0..rows)
             .step_by(per as usize)
-            .map(|r0| (r0, (r0 + per).min(rows)))
+            .map(|r0| {
+                let r1 = (r0 + per).min(rows);
+                let start = base as usize + r0 as usize * row_bytes;
+                let end = start + (r1 - r0) as usize * row_bytes;
+                (r0, r1, Binding { slot: 1, start, end })
+            })
             .collect())
     }
 }
@@ -130,15 +137,9 @@ pub fn plan(op: &Op, lim: Limits) -> Result<Vec<Dispatch>, OpError> {
                 Binding { slot: 4, ..x }
             };
             let mut v = Vec::new();
-            for (r0, r1) in b.row_chunks(m.m, row_bytes)? {
-                let start = m.w as usize + r0 as usize * row_bytes;
-                let w = Binding {
-                    slot: 1,
-                    start,
-                    end: start + (r1 - r0) as usize * row_bytes,
-                };
+            for (r0, r1, w) in b.row_chunks(m.w, m.m, row_bytes)? {
                 let params = vec![
-                    b.off(start as u32, 1),
+                    b.off(w.start as u32, 1),
                     row_bytes as u32,
                     b.off(m.x, 4),
                     b.off(m.out, 4),
@@ -167,15 +168,9 @@ pub fn plan(op: &Op, lim: Limits) -> Result<Vec<Dispatch>, OpError> {
             let ids = b.bind(2, e.ids, f32s(e.n))?;
             let out = b.bind(3, e.out, f32s(e.n) * e.dim as usize)?;
             let mut v = Vec::new();
-            for (r0, r1) in b.row_chunks(e.vocab, row_bytes)? {
-                let start = e.table as usize + r0 as usize * row_bytes;
-                let t = Binding {
-                    slot: 1,
-                    start,
-                    end: start + (r1 - r0) as usize * row_bytes,
-                };
+            for (r0, r1, t) in b.row_chunks(e.table, e.vocab, row_bytes)? {
                 let params = vec![
-                    b.off(start as u32, 1),
+                    b.off(t.start as u32, 1),
                     row_bytes as u32,
                     b.off(e.ids, 4),
                     b.off(e.out, 4),
