@@ -81,6 +81,22 @@ __device__ void rope_head(const Rope& r, u32 p, float* v) {
     }
 }
 
+// Copy one head's k and v (f32, at element `src`) into the caches at element `dst`,
+// converting to the cache dtype. The block's threads share the head.
+__device__ void store_kv_head(const Ctx& c, const KvStore& s, u64 src, u64 dst) {
+    const float* k = at<float>(c, s.k) + src;
+    const float* v = at<float>(c, s.v) + src;
+    for (u32 d = threadIdx.x; d < s.head_dim; d += blockDim.x) {
+        if (s.cache_dtype == DT_F16) {
+            at<u16>(c, s.k_cache)[dst + d] = f32_to_f16(k[d]);
+            at<u16>(c, s.v_cache)[dst + d] = f32_to_f16(v[d]);
+        } else {
+            at<float>(c, s.k_cache)[dst + d] = k[d];
+            at<float>(c, s.v_cache)[dst + d] = v[d];
+        }
+    }
+}
+
 // Record-time fusion of rope(q), rope(k), kv_store(k, v) for one token (graph.rs
 // `plan`, exec.rs `rope_kv_fusable`): q.n_heads + k.n_heads blocks; a k block rotates its
 // head in place, then (after a barrier: the block's own writes are visible) copies the
@@ -107,17 +123,7 @@ extern "C" __global__ void rope_kv(const Ctx c, const RopeKv f) {
     }
     u64 src = (u64)h * s.head_dim;
     u64 dst = ((u64)h * s.ctx + pos) * s.head_dim;
-    const float* k = at<float>(c, s.k) + src;
-    const float* v = at<float>(c, s.v) + src;
-    for (u32 d = threadIdx.x; d < s.head_dim; d += blockDim.x) {
-        if (s.cache_dtype == DT_F16) {
-            at<u16>(c, s.k_cache)[dst + d] = f32_to_f16(k[d]);
-            at<u16>(c, s.v_cache)[dst + d] = f32_to_f16(v[d]);
-        } else {
-            at<float>(c, s.k_cache)[dst + d] = k[d];
-            at<float>(c, s.v_cache)[dst + d] = v[d];
-        }
-    }
+    store_kv_head(c, s, src, dst);
 }
 
 // grid: n * n_kv_heads blocks.
@@ -131,17 +137,7 @@ extern "C" __global__ void kv_store(const Ctx c, const KvStore s) {
     u32 i = blockIdx.x / s.n_kv_heads, h = blockIdx.x % s.n_kv_heads;
     u64 src = ((u64)i * s.n_kv_heads + h) * s.head_dim;
     u64 dst = ((u64)h * s.ctx + pos + i) * s.head_dim;
-    const float* k = at<float>(c, s.k) + src;
-    const float* v = at<float>(c, s.v) + src;
-    for (u32 d = threadIdx.x; d < s.head_dim; d += blockDim.x) {
-        if (s.cache_dtype == DT_F16) {
-            at<u16>(c, s.k_cache)[dst + d] = f32_to_f16(k[d]);
-            at<u16>(c, s.v_cache)[dst + d] = f32_to_f16(v[d]);
-        } else {
-            at<float>(c, s.k_cache)[dst + d] = k[d];
-            at<float>(c, s.v_cache)[dst + d] = v[d];
-        }
-    }
+    store_kv_head(c, s, src, dst);
 }
 
 extern "C" __global__ void swiglu(const Ctx c, const SwiGlu s) {
