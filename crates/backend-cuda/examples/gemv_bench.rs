@@ -1,6 +1,10 @@
 //! Decode matvec bandwidth per weight dtype: `cargo run --release --example gemv_bench`.
 //! Each shape is timed as a CUDA graph of many matvecs over rotating weight copies
 //! (more bytes than the 50 MB L2), so the numbers are HBM reads, not cache hits.
+//! Each shape's last output is also checked against the CPU dequantization of 64 rows
+//! (`err`: normwise relative error vs f64; quantized matvecs round x to i16, ~1e-5).
+//! `GEMV_BENCH_DTYPES=q4_k,q8_0` limits the dtypes; `GEMV_BENCH_STEP=0` skips the decode
+//! steps; `SAMEPAGE_CUDA_QMV_BLOCKS` sets the quantized matvec's target block count.
 use std::time::Instant;
 
 use samepage_abi::{self as abi, hint, op as code, pod_bytes, DType};
@@ -18,9 +22,12 @@ fn main() {
         }
     };
     println!("device: {}", gpu.device_name());
-    let shapes = [(2048usize, 8192usize), (8192, 2048), (128256, 2048)];
+    let shapes = [(2048usize, 8192usize), (8192, 2048), (2048, 2048), (128256, 2048)];
+    let only = std::env::var("GEMV_BENCH_DTYPES").ok();
+    let wanted = |dt: DType| only.as_deref().is_none_or(|l| l.split(',').any(|n| n == dt.name()));
     let mut rows = Vec::new();
-    for dt in DType::WEIGHTS {
+    let mut bad = 0;
+    for dt in DType::WEIGHTS.into_iter().filter(|&dt| wanted(dt)) {
         for &(m, k) in &shapes {
             let rb = dt.row_bytes(k).unwrap();
             let wbytes = m * rb;
@@ -36,6 +43,17 @@ fn main() {
             let mem = unsafe { std::slice::from_raw_parts_mut(region.base(), size) };
             for (i, b) in mem.iter_mut().enumerate() {
                 *b = ((i * 2654435761) >> 13) as u8 & 0x3b;
+            }
+            // x: uniform in [-1, 1) (a checkable activation; the pattern decodes to tiny floats).
+            let mut seed = 0x9e3779b97f4a7c15u64;
+            let x: Vec<f32> = (0..k)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect();
+            for (i, v) in x.iter().enumerate() {
+                mem[xo + 4 * i..xo + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
             }
             region.hint(0, size, hint::WEIGHTS);
             let reps = (copies * 4).max(32);
@@ -70,25 +88,51 @@ fn main() {
             times.sort_by(f64::total_cmp);
             let t = times[times.len() / 2];
             let gbs = wbytes as f64 / t / 1e9;
+            // The last matvec read copy (reps - 1) % copies; check 64 of its rows.
+            // SAFETY: the region holds `size` bytes; the graph has finished.
+            let mem = unsafe { std::slice::from_raw_parts(region.base(), size) };
+            let w0 = ((reps - 1) % copies) * wspan;
+            let (mut num, mut den) = (0.0f64, 0.0f64);
+            for i in 0..64 {
+                let r = i * (m - 1) / 63;
+                let wr = samepage_backend_cpu::reference::dequant(dt, &mem[w0 + r * rb..w0 + (r + 1) * rb], 1, k);
+                let want: f64 = wr.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let got = f32::from_le_bytes(mem[oo + 4 * r..oo + 4 * r + 4].try_into().unwrap()) as f64;
+                num += (got - want) * (got - want);
+                den += want * want;
+            }
+            let err = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+            let tol = if dt.block_elems() == 1 { 1e-5 } else { 1e-4 };
+            if err.is_nan() || err > tol {
+                bad += 1;
+            }
             rows.push(format!(
-                "| {:5} | {:>6} x {:>5} | {:>8.1} | {:>8.2} | {:>7.0} | {:>5.1}% |",
+                "| {:5} | {:>6} x {:>5} | {:>8.1} | {:>8.2} | {:>7.0} | {:>5.1}% | {:.1e}{} |",
                 dt.name(),
                 m,
                 k,
                 wbytes as f64 / 1e6,
                 t * 1e6,
                 gbs,
-                100.0 * gbs * 1e9 / PEAK
+                100.0 * gbs * 1e9 / PEAK,
+                err,
+                if err.is_nan() || err > tol { " BAD" } else { "" }
             ));
             eprintln!("{}", rows.last().unwrap());
         }
     }
-    println!("| dtype | m x k            | MB       | us       | GB/s    | of 3.0 TB/s |");
-    println!("|-------|------------------|----------|----------|---------|-------|");
+    println!("| dtype | m x k            | MB       | us       | GB/s    | of 3.0 TB/s | err |");
+    println!("|-------|------------------|----------|----------|---------|-------|-----|");
     for r in rows {
         println!("{r}");
     }
     println!("copy calls: {}", copy_calls());
+    if bad > 0 {
+        println!("CHECK FAILED: {bad} shape(s) with a wrong result (BAD above)");
+    }
+    if std::env::var("GEMV_BENCH_STEP").as_deref() == Ok("0") {
+        return;
+    }
     println!();
     println!("Llama-3.2-1B-shaped decode step (16 layers, dim 2048, ffn 8192, 32/8 heads, vocab 128256, tied), pos 448, f16 KV:");
     println!("| weights | GB     | ms/token | tok/s  | GB/s  | floor (3.0 TB/s) |");

@@ -16,6 +16,28 @@ pub(crate) struct KCtx {
     pub counters: u64,
     pub op: u32,
     pub aux: u32,
+    /// Staged per-token words (`stage`), or 0.
+    pub tok: u64,
+    /// Per slot (byte), the staged index of the op's per-token word; 0xff: the region.
+    pub tmap: u32,
+    pub pad: u32,
+}
+
+impl KCtx {
+    /// A context whose kernels read every per-token word from the region.
+    pub fn new(base: u64, status: u64, scratch: u64, counters: u64, op: u32) -> KCtx {
+        KCtx {
+            base,
+            status,
+            scratch,
+            counters,
+            op,
+            aux: 0,
+            tok: 0,
+            tmap: u32::MAX,
+            pad: 0,
+        }
+    }
 }
 // SAFETY: plain old data matching the C struct.
 unsafe impl DeviceRepr for KCtx {}
@@ -205,6 +227,19 @@ pub(crate) fn attention_splits(a: &abi::Attention) -> u32 {
     }
 }
 
+/// Whether the single-token attention kernel (`attention_dec_*`) takes `a`: one token,
+/// head_dim a multiple of 4, cache rows aligned for 16-byte (f32) / 8-byte (f16) loads.
+/// Returns whether the cache is f16.
+fn attention_dec_fits(base: u64, a: &abi::Attention) -> Option<bool> {
+    let f16 = a.cache_dtype == DType::F16 as u32;
+    let al = if f16 { 8 } else { 16 };
+    let ok = a.n == 1
+        && a.head_dim.is_multiple_of(4)
+        && (base + a.k_cache as u64).is_multiple_of(al)
+        && (base + a.v_cache as u64).is_multiple_of(al);
+    ok.then_some(f16)
+}
+
 /// Scratch bytes an op needs.
 pub(crate) fn scratch_bytes(op: &Op) -> usize {
     match op {
@@ -217,19 +252,23 @@ pub(crate) fn scratch_bytes(op: &Op) -> usize {
             }
         }
         Op::Sample(s) => 2 * s.vocab as usize * 4,
+        Op::Matmul(m) if m.n > 1 => crate::prefill::gemm_scratch_bytes(m),
         _ => 0,
     }
 }
 
-/// Whether the CUDA kernels handle this op (attention keeps a head in registers).
+/// Whether the CUDA kernels handle this op (attention keeps a head in registers, rope a
+/// token's angles in shared memory).
 pub(crate) fn supports(op: &Op) -> bool {
     match op {
         Op::Attention(a) => a.head_dim <= 256,
+        // `rope` keeps a token's angles in shared memory.
+        Op::Rope(r) => r.n_rot <= 256,
         _ => true,
     }
 }
 
-fn cfg(grid: u64, block: u32) -> Result<LaunchConfig, OpError> {
+pub(crate) fn cfg(grid: u64, block: u32) -> Result<LaunchConfig, OpError> {
     let g = u32::try_from(grid)
         .ok()
         .filter(|&g| g > 0 && g < i32::MAX as u32)
@@ -263,29 +302,17 @@ fn dense_width(base: u64, m: &abi::Matmul, rb: usize) -> u32 {
         .map_or(0, |(_, c)| c)
 }
 
-/// log2 of the warps that share one row of a single-token matvec (`aux` bits 4-5, see
-/// `row_reduce` in matmul.cu): doubled while the launch has fewer than ~one full GPU of
-/// warps (8192: 132 SMs x 64) and each warp still gets a whole round of loads (dense: 8
-/// loads per lane; quantized: 2 staged chunks). `rows`: all rows of the launch (a
-/// group's sum); `width`: the dense load width code (0: by element, no split).
+/// log2 of the warps that share one row of a dense single-token matvec (`aux` bits 4-5,
+/// see `row_reduce` in matmul.cu): doubled while the launch has fewer than ~one full GPU
+/// of warps (8192: 132 SMs x 64) and each warp still gets a whole round of loads (8 loads
+/// per lane). `rows`: all rows of the launch (a group's sum); `width`: the dense load
+/// width code (0: by element, no split).
 fn matvec_split(dt: DType, k: u32, rows: u64, width: u32) -> u32 {
-    let per_warp_min = match dt {
-        DType::F32 | DType::F16 | DType::BF16 => {
-            if width == 0 {
-                return 0;
-            }
-            let vb = 2u32 << width; // bytes per load
-            32 * 8 * vb / dt.block_bytes() as u32
-        }
-        // Staged chunks (QChunk): 32 blocks of 32 elements or 8 of 256; two per warp.
-        _ => {
-            2 * if dt.block_elems() == 32 {
-                32 * 32
-            } else {
-                8 * dt.block_elems() as u32
-            }
-        }
-    };
+    if width == 0 {
+        return 0;
+    }
+    let vb = 2u32 << width; // bytes per load
+    let per_warp_min = 32 * 8 * vb / dt.block_bytes() as u32;
     let mut ls = 0;
     while ls < 3 && rows << (ls + 1) <= 8192 && k >> (ls + 1) >= per_warp_min {
         ls += 1;
@@ -298,22 +325,60 @@ fn matvec_blocks(m: u32, ls: u32) -> u64 {
     ((m as u64) << ls).div_ceil(8)
 }
 
+/// Blocks a quantized single-token matvec launch aims at (`gemv_quant`): two per SM of a
+/// 132-SM H100/H200 (its registers allow two blocks of 256 threads per SM), so the whole
+/// launch is one wave; `SAMEPAGE_CUDA_QMV_BLOCKS` overrides (for measuring).
+fn qmv_target_blocks() -> u64 {
+    static T: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("SAMEPAGE_CUDA_QMV_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(264)
+    })
+}
+
+/// Rows per block and log2 warps per row of a quantized single-token matvec (`gemv_quant`,
+/// aux bits 16-23 and 4-5) in a launch of `rows` rows in all. Each block quantizes x once
+/// (a read of 4k bytes from L2), so blocks take many rows: enough rows per block for
+/// `qmv_target_blocks` blocks (at most 64); a block of fewer than 8 rows splits rows over
+/// warps where a row has chunks (QChunk: 1024 or 2048 elements) for them.
+fn quant_plan(dt: DType, k: u32, rows: u64) -> (u32, u32) {
+    let chunk_elems = if dt.block_elems() == 32 { 1024 } else { 2048 };
+    let chunks = k.div_ceil(chunk_elems);
+    let mut per = rows.div_ceil(qmv_target_blocks()).clamp(1, 64) as u32;
+    let mut ls = 0;
+    while ls < 3 && (8 >> ls) > per && 2u32 << ls <= chunks {
+        ls += 1;
+    }
+    let group = 8u32 >> ls;
+    per = per.div_ceil(group) * group;
+    (per, ls)
+}
+
 /// The `aux` word of a single-token matvec launch of `rows` rows in all (see
-/// `MATMUL_KERNELS`): alignment bits and the split; and the split.
-fn matvec_aux(base: u64, m: &abi::Matmul, rows: u64) -> (u32, u32) {
+/// `MATMUL_KERNELS`): alignment bits, the split and (quantized) rows per block; and the
+/// blocks this matvec takes.
+fn matvec_aux(base: u64, m: &abi::Matmul, rows: u64) -> (u32, u64) {
     let dt = DType::from_u32(m.dtype).expect("validated dtype");
     let rb = dt.row_bytes(m.k as usize).expect("validated shape");
     let w_al = (base + m.w as u64).is_multiple_of(16) && rb.is_multiple_of(16);
     let x_al = (base + m.x as u64).is_multiple_of(16);
-    let (bits, width) = match dt {
+    match dt {
         DType::F32 | DType::F16 | DType::BF16 => {
             let wd = dense_width(base, m, rb);
-            ((x_al as u32) << 1 | wd << 2, wd)
+            let ls = matvec_split(dt, m.k, rows, wd);
+            ((x_al as u32) << 1 | wd << 2 | ls << 4, matvec_blocks(m.m, ls))
         }
-        _ => (w_al as u32 | (x_al as u32) << 1, 0),
-    };
-    let ls = matvec_split(dt, m.k, rows, width);
-    (bits | ls << 4, ls)
+        _ => {
+            let (per, ls) = quant_plan(dt, m.k, rows);
+            (
+                w_al as u32 | (x_al as u32) << 1 | ls << 4 | per << 16,
+                (m.m as u64).div_ceil(per as u64),
+            )
+        }
+    }
 }
 
 /// Byte ranges `[start, end)` a matvec reads and the one it writes.
@@ -439,10 +504,10 @@ pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops
         let Op::Matmul(m) = *op else {
             return Err(OpError::runtime("cuda: a matvec group holds a non-matmul op"));
         };
-        let (aux, ls) = matvec_aux(c.base, &m, rows);
+        let (aux, nblk) = matvec_aux(c.base, &m, rows);
         g.m[i] = m;
-        g.aux[i] = aux;
-        blocks += matvec_blocks(m.m, ls);
+        g.aux[i] = aux | prefetch_bit();
+        blocks += nblk;
         g.end[i] = u32::try_from(blocks).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
     }
     go(
@@ -455,7 +520,7 @@ pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops
     )
 }
 
-fn go<T: samepage_abi::Pod>(
+pub(crate) fn go<T: samepage_abi::Pod>(
     stream: &CudaStream,
     f: &CudaFunction,
     c: KCtx,
@@ -479,6 +544,19 @@ thread_local! {
     /// dependent launch. Prefill graphs and immediate ops launch plainly (PDL measured
     /// 27% slower pp512 there: early-launched blocks wait on SM slots the GEMMs need).
     static PDL_NOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `MV_PREFETCH` (matmul.cu) for a single-token matvec launched now: in a PDL capture
+/// (where the block starts before the previous kernel ends), unless
+/// `SAMEPAGE_CUDA_PREFETCH=0`.
+fn prefetch_bit() -> u32 {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_PREFETCH").as_deref() != Ok("0"));
+    if on && crate::kernels::pdl() && PDL_NOW.with(|p| p.get()) {
+        256
+    } else {
+        0
+    }
 }
 
 /// Launches made while this lives (on this thread) use PDL, if `on` and the device has it.
@@ -567,20 +645,29 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
     }
     match *op {
         Op::Embed(e) => go(stream, &k.embed, c, e, cfg(e.n as u64, 256)?, "embed"),
-        Op::RmsNorm(r) => go(stream, &k.rmsnorm, c, r, cfg(r.n as u64, 256)?, "rmsnorm"),
+        Op::RmsNorm(r) => {
+            // Threads for 8 elements each (the row in registers at once, see rmsnorm).
+            let block = (r.dim.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024);
+            go(stream, &k.rmsnorm, c, r, cfg(r.n as u64, block)?, "rmsnorm")
+        }
         Op::Matmul(m) => {
             if m.n == 1 {
-                let (aux, ls) = matvec_aux(c.base, &m, m.m as u64);
-                c.aux = aux;
-                go(
-                    stream,
-                    &k.matvec[m.dtype as usize],
-                    c,
-                    m,
-                    cfg(matvec_blocks(m.m, ls), 256)?,
-                    "matvec",
-                )
+                let (aux, blocks) = matvec_aux(c.base, &m, m.m as u64);
+                c.aux = aux | prefetch_bit();
+                go(stream, &k.matvec[m.dtype as usize], c, m, cfg(blocks, 256)?, "matvec")
             } else {
+                // Prefill: tensor cores through cuBLAS (see `prefill`), else the tiled kernel.
+                if crate::prefill::as_matvecs(&m) && k.blas.is_some() {
+                    for t in 0..m.n {
+                        launch_op(k, stream, c, &Op::Matmul(crate::prefill::per_token(&m, t)))?;
+                    }
+                    return Ok(());
+                }
+                if m.n >= crate::prefill::GEMM_MIN_N {
+                    if let Some(b) = k.blas.as_ref() {
+                        return b.matmul(k, stream, c, &m);
+                    }
+                }
                 let mut lc = cfg((m.m as u64).div_ceil(64), 256)?;
                 lc.grid_dim.1 = u32::try_from((m.n as u64).div_ceil(64))
                     .ok()
@@ -589,17 +676,7 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
                 go(stream, &k.matmul[m.dtype as usize], c, m, lc, "matmul")
             }
         }
-        Op::Rope(r) => {
-            let block = (r.n_rot / 2).div_ceil(32).clamp(1, 8) * 32;
-            go(
-                stream,
-                &k.rope,
-                c,
-                r,
-                cfg(r.n as u64 * r.n_heads as u64, block)?,
-                "rope",
-            )
-        }
+        Op::Rope(r) => go(stream, &k.rope, c, r, cfg(r.n as u64, 256)?, "rope"),
         Op::KvStore(s) => go(
             stream,
             &k.kv_store,
@@ -609,10 +686,22 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
             "kv_store",
         ),
         Op::Attention(a) => {
+            // Prefill: the tiled kernel (`prefill::attention`) where it applies.
+            if crate::prefill::attention(k, stream, c, &a)? {
+                return Ok(());
+            }
             let s = attention_splits(&a);
             let blocks = a.n as u64 * a.n_heads as u64;
             // The last split to finish merges (counters), else a combine launch.
             let fused = c.counters != 0 && blocks <= COUNTERS as u64;
+            // Its chunks are >= 128 positions: fewer splits (<= `attention_splits`, which
+            // sizes the scratch), so idle blocks don't each read the pos word.
+            let sd = a.ctx.div_ceil(128).clamp(1, 64);
+            if let Some(f16) = attention_dec_fits(c.base, &a).filter(|_| sd == 1 || fused) {
+                c.aux = sd | (fused as u32) << 16;
+                let f = &k.attention_dec[f16 as usize];
+                return go(stream, f, c, a, cfg(blocks * sd as u64, 128)?, "attention");
+            }
             c.aux = s | (fused as u32) << 16;
             go(stream, &k.attention, c, a, cfg(blocks * s as u64, 128)?, "attention")?;
             if s > 1 && !fused {
@@ -633,5 +722,34 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
         Op::Softmax(s) => go(stream, &k.softmax, c, s, cfg(s.rows as u64, 1024)?, "softmax"),
         Op::Argmax(s) => go(stream, &k.argmax, c, s, cfg(s.rows as u64, 1024)?, "argmax"),
         Op::Sample(s) => go(stream, &k.sample, c, s, cfg(1, 1024)?, "sample"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use samepage_abi::DType;
+
+    /// `gemv_quant` holds rows-per-block x warps-per-row partial sums in `part[512]`, and
+    /// every warp of a block gets rows: the plan stays inside both.
+    #[test]
+    fn quant_plan_fits_the_kernel() {
+        for dt in [DType::Q8_0, DType::Q4_K] {
+            for k in [32, 256, 576, 2048, 8192, 14336] {
+                for rows in [1u64, 7, 67, 2048, 3072, 16384, 128256] {
+                    if k % dt.block_elems() != 0 {
+                        continue;
+                    }
+                    let (per, ls) = super::quant_plan(dt, k as u32, rows);
+                    assert!((1..=64).contains(&per) && ls <= 3, "{dt:?} k={k} rows={rows}");
+                    assert!(
+                        per * (1 << ls) <= 512 && per % (8 >> ls) == 0,
+                        "{dt:?} k={k} rows={rows}"
+                    );
+                }
+            }
+        }
+        // The Llama-1B shapes: one wave of ~2 blocks per SM, a warp per row.
+        assert_eq!(super::quant_plan(DType::Q4_K, 8192, 2048), (8, 0));
+        assert_eq!(super::quant_plan(DType::Q8_0, 2048, 16384), (64, 0));
     }
 }

@@ -7,7 +7,7 @@ use cudarc::driver::{result, sys, CudaGraph};
 use samepage_backend::{Graph, Mem, Op, OpError};
 
 use crate::exec::{self, cuda_err, KCtx, Scratch, StatusWord};
-use crate::Inner;
+use crate::{stage, Inner};
 
 struct Captured {
     base: u64,
@@ -95,10 +95,26 @@ impl Drop for Trace {
     }
 }
 
+/// A decode step's staged per-token words (`stage`): the device buffer, what goes in it,
+/// and each step's slot map.
+struct Staged {
+    buf: u64,
+    list: stage::TokStage,
+    tmaps: Vec<u32>,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `CudaOpGraph::new`; the graph synchronised its stream first.
+        let _ = unsafe { result::free_sync(self.buf) };
+    }
+}
+
 pub(crate) struct CudaOpGraph {
     inner: Arc<Inner>,
     ops: Vec<Op>,
     steps: Vec<Step>,
+    staged: Option<Staged>,
     trace: Option<Trace>,
     status: StatusWord,
     scratch: Scratch,
@@ -129,9 +145,35 @@ impl CudaOpGraph {
             scratch.ensure(need).map_err(|e| cuda_err("allocating scratch", e))?;
         }
         let steps = plan(&ops);
+        let staged = if stage::enabled() {
+            let reads: Vec<Vec<u32>> = steps
+                .iter()
+                .map(|&s| match s {
+                    Step::One(i) => stage::reads(&ops[i]),
+                    Step::Matvecs(..) => Vec::new(),
+                    // rope_kv's slots: q.positions, k.positions, kv_store.pos.
+                    Step::RopeKv(i) => [&ops[i], &ops[i + 1], &ops[i + 2]]
+                        .into_iter()
+                        .flat_map(stage::reads)
+                        .collect(),
+                })
+                .collect();
+            let (list, tmaps) = stage::plan(&ops, &reads);
+            if list.n > 0 {
+                // SAFETY: a plain device allocation, freed by `Staged::drop`.
+                let buf = unsafe { result::malloc_sync(4 * stage::MAX_WORDS) }
+                    .map_err(|e| cuda_err("allocating the staged words", e))?;
+                Some(Staged { buf, list, tmaps })
+            } else {
+                None
+            }
+        } else {
+            None
+        };
         Ok(CudaOpGraph {
             inner,
             steps,
+            staged,
             trace: Trace::new(),
             ops,
             status,
@@ -148,12 +190,12 @@ impl CudaOpGraph {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| cuda_err("beginning stream capture", e))?;
         let _pdl = exec::PdlScope::new(self.ops.iter().all(exec::single_token));
-        let mut res = Ok(());
-        for &step in &self.steps {
-            res = self.launch_step(base, step);
+        let mut res = self.launch_stage(base);
+        for (j, &step) in self.steps.iter().enumerate() {
             if res.is_err() {
                 break;
             }
+            res = self.launch_step(base, j, step);
         }
         // Always end the capture, so the stream leaves capture mode.
         let g = stream.end_capture(sys::CUgraphInstantiate_flags(0));
@@ -164,21 +206,47 @@ impl CudaOpGraph {
 }
 
 impl CudaOpGraph {
-    fn launch_step(&self, base: u64, step: Step) -> Result<(), OpError> {
+    fn ctx(&self, base: u64, op: usize) -> KCtx {
+        KCtx::new(
+            base,
+            self.status.dev(),
+            self.scratch.ptr(),
+            self.scratch.counters(),
+            op as u32,
+        )
+    }
+
+    /// The step's first launch: its per-token words to the device (`stage`), if any.
+    fn launch_stage(&self, base: u64) -> Result<(), OpError> {
+        let Some(st) = self.staged.as_ref() else {
+            return Ok(());
+        };
+        let c = KCtx {
+            tok: st.buf,
+            ..self.ctx(base, 0)
+        };
+        exec::go(
+            &self.inner.stream,
+            &self.inner.kernels.stage_tok,
+            c,
+            st.list,
+            exec::cfg(1, 32)?,
+            "stage_tok",
+        )
+    }
+
+    fn launch_step(&self, base: u64, j: usize, step: Step) -> Result<(), OpError> {
         let inner = &self.inner;
         let (first, ops) = match step {
             Step::One(i) => (i, &self.ops[i..i + 1]),
             Step::Matvecs(i, len) => (i, &self.ops[i..i + len]),
             Step::RopeKv(i) => (i + 2, &self.ops[i..i + 3]),
         };
-        let c = KCtx {
-            base,
-            status: self.status.dev(),
-            scratch: self.scratch.ptr(),
-            counters: self.scratch.counters(),
-            op: first as u32,
-            aux: 0,
-        };
+        let mut c = self.ctx(base, first);
+        if let Some(st) = self.staged.as_ref() {
+            c.tok = st.buf;
+            c.tmap = st.tmaps[j];
+        }
         match step {
             Step::One(_) => exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0]),
             Step::Matvecs(..) => exec::launch_matvec_group(&inner.kernels, &inner.stream, c, ops),
@@ -198,8 +266,9 @@ impl CudaOpGraph {
         let mut res = Ok(());
         // SAFETY: fresh events recorded on our stream.
         unsafe { result::event::record(evs[0], st) }.map_err(|e| cuda_err("event", e))?;
+        self.launch_stage(base)?;
         for (j, &step) in self.steps.iter().enumerate() {
-            res = self.launch_step(base, step);
+            res = self.launch_step(base, j, step);
             if res.is_err() {
                 break;
             }

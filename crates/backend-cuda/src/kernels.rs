@@ -13,6 +13,8 @@ pub const SOURCE: &str = concat!(
     include_str!("cu/matmul.cu"),
     include_str!("cu/attention.cu"),
     include_str!("cu/sample.cu"),
+    include_str!("cu/gemm.cu"),
+    include_str!("cu/attention_prefill.cu"),
 );
 
 /// Weight dtypes in `samepage_abi::DType` order (F32 = 0 .. Q6_K = 9), as kernel suffixes.
@@ -57,8 +59,12 @@ pub struct Kernels {
     pub kv_store: CudaFunction,
     /// rope(q) + rope(k) + kv_store of one token (record-time fusion).
     pub rope_kv: CudaFunction,
+    /// Copies a decode step's per-token words to the device (`stage`).
+    pub stage_tok: CudaFunction,
     pub attention: CudaFunction,
     pub attention_combine: CudaFunction,
+    /// Single-token attention by cache dtype: `[f32, f16]` (`attention_dec_body`).
+    pub attention_dec: [CudaFunction; 2],
     pub swiglu: CudaFunction,
     pub add: CudaFunction,
     pub scale: CudaFunction,
@@ -71,6 +77,18 @@ pub struct Kernels {
     pub matmul: Vec<CudaFunction>,
     /// `matvecs_<dtype>`: up to 3 matvecs sharing x in one launch, by dtype code.
     pub matvecs: Vec<CudaFunction>,
+    /// Prefill GEMM helpers (cu/gemm.cu): x to f16 / bf16 scratch.
+    pub gemm_x_f16: CudaFunction,
+    pub gemm_x_bf16: CudaFunction,
+    /// `gemm_w_<dtype>`: W rows to 16-bit scratch, by dtype code - 1 (F16 .. Q6_K).
+    pub gemm_w: Vec<CudaFunction>,
+    pub gemm_bias: CudaFunction,
+    /// `attention_prefill_<hdt>` for `prefill::ATTENTION_PREFILL_HDT`; `None` where the
+    /// device could not grant its dynamic shared memory.
+    pub attention_prefill: Vec<Option<CudaFunction>>,
+    /// The cuBLAS handle for prefill GEMMs (set by the backend after loading; `None`:
+    /// n > 1 matmuls use the tiled kernel).
+    pub(crate) blas: Option<crate::prefill::Blas>,
 }
 
 impl Kernels {
@@ -98,8 +116,10 @@ impl Kernels {
             rope: f("rope")?,
             kv_store: f("kv_store")?,
             rope_kv: f("rope_kv")?,
+            stage_tok: f("stage_tok")?,
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
+            attention_dec: [f("attention_dec_f32")?, f("attention_dec_f16")?],
             swiglu: f("swiglu")?,
             add: f("add")?,
             scale: f("scale")?,
@@ -118,6 +138,28 @@ impl Kernels {
                 .iter()
                 .map(|s| f(&format!("matvecs_{s}")))
                 .collect::<Result<_, _>>()?,
+            gemm_x_f16: f("gemm_x_f16")?,
+            gemm_x_bf16: f("gemm_x_bf16")?,
+            gemm_w: DTYPE_SUFFIX[1..]
+                .iter()
+                .map(|s| f(&format!("gemm_w_{s}")))
+                .collect::<Result<_, _>>()?,
+            gemm_bias: f("gemm_bias")?,
+            attention_prefill: crate::prefill::ATTENTION_PREFILL_HDT
+                .iter()
+                .map(|&h| {
+                    let func = f(&format!("attention_prefill_{h}"))?;
+                    let smem = crate::prefill::attention_prefill_smem(h) as i32;
+                    Ok(func
+                        .set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            smem,
+                        )
+                        .ok()
+                        .map(|_| func))
+                })
+                .collect::<Result<_, String>>()?,
+            blas: None,
         })
     }
 }

@@ -19,6 +19,9 @@
 //!   parameters) and on a bad one writes nothing and reports it.
 //! - **Graphs** are CUDA graphs, captured at the first launch (the region's base is
 //!   known then) and replayed unchanged: per-token values are read from guest memory.
+//! - **Prefill** (n > 1) matmuls run on tensor cores through cuBLAS (16-bit inputs, f32
+//!   accumulation; `SAMEPAGE_CUDA_GEMM=tiled` keeps the exact fp32 kernel), attention
+//!   through a tiled kernel; see [`prefill`].
 //! - **No CUDA, no panic.** [`CudaBackend::new`] checks that the driver, NVRTC and cuBLAS
 //!   libraries load before touching them and returns [`BackendError::Unavailable`].
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +34,9 @@ use samepage_backend::{Backend, BackendError, Graph, Mem, MemoryLayout, Op, OpEr
 mod exec;
 mod graph;
 pub mod kernels;
+mod prefill;
 mod region;
+mod stage;
 
 pub use region::MemoryMode;
 
@@ -175,6 +180,7 @@ impl CudaBackend {
             backend: "cuda",
             reason,
         };
+        prefill::gemm_mode().map_err(BackendError::Other)?;
         libraries_present().map_err(unavailable)?;
         let n = CudaContext::device_count().map_err(|e| unavailable(format!("no CUDA device: {e:?}")))?;
         if n as usize <= ordinal {
@@ -187,7 +193,10 @@ impl CudaBackend {
         let stream = ctx
             .new_stream()
             .map_err(|e| unavailable(format!("creating a stream: {e:?}")))?;
-        let kernels = kernels::Kernels::load(&ctx).map_err(unavailable)?;
+        let mut kernels = kernels::Kernels::load(&ctx).map_err(unavailable)?;
+        // The cuBLAS handle for prefill GEMMs (see `prefill`): made here, never while a
+        // graph is being captured (creating one allocates).
+        kernels.blas = prefill::Blas::new(&ctx, &stream).map_err(unavailable)?;
         let status = exec::StatusWord::new().map_err(|e| unavailable(format!("pinned status word: {e:?}")))?;
         let inner = Inner {
             ctx,
@@ -269,14 +278,13 @@ impl Backend for CudaBackend {
         inner.flush_prefetch();
         let base = inner.device_base(&mem);
         for (i, op) in ops.iter().enumerate() {
-            let c = exec::KCtx {
+            let c = exec::KCtx::new(
                 base,
-                status: imm.status.dev(),
-                scratch: imm.scratch.ptr(),
-                counters: imm.scratch.counters(),
-                op: i as u32,
-                aux: 0,
-            };
+                imm.status.dev(),
+                imm.scratch.ptr(),
+                imm.scratch.counters(),
+                i as u32,
+            );
             exec::launch_op(&inner.kernels, &inner.stream, c, op)?;
         }
         inner

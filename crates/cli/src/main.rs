@@ -495,7 +495,9 @@ fn bench(model: &Path, pp: u32, tg: u32, reps: u32, backend: &str) -> Result<()>
     if pp > 0 {
         // Deterministic pseudo-random prompt tokens, as llama-bench uses random tokens.
         let tokens: Vec<u32> = (0..pp).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
-        s.forward(&tokens[..pp.min(8) as usize], 0, false)?; // warm-up
+        // Warm-up with the same prompt, as llama-bench does: the first run of a shape
+        // records its graphs (and picks its GEMM kernels), which is not throughput.
+        s.forward(&tokens, 0, false)?;
         let mut xs = Vec::new();
         for _ in 0..reps {
             let t = Instant::now();

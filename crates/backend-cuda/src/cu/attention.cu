@@ -48,7 +48,7 @@ extern "C" __global__ void __launch_bounds__(128) attention(const Ctx c, const A
     PDL_ENTER();
     const u32 S = c.aux & 0xffff;
     const bool fused = (c.aux >> 16) & 1;
-    u32 pos = *at<u32>(c, a.pos);
+    u32 pos = tok_word(c, 0, a.pos);
     if ((u64)pos + a.n > a.ctx) {
         if (threadIdx.x == 0 && blockIdx.x == 0) report(c, ERR_ATTN_POS, pos, a.n);
         return;
@@ -161,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(128) attention(const Ctx c, const A
 extern "C" __global__ void attention_combine(const Ctx c, const Attention a) {
     PDL_ENTER();
     const u32 S = c.aux & 0xffff;
-    u32 pos = *at<u32>(c, a.pos);
+    u32 pos = tok_word(c, 0, a.pos);
     if ((u64)pos + a.n > a.ctx) return; // reported by `attention`
     const u32 i = blockIdx.x / a.n_heads;
     u32 chunk, sa;
@@ -169,4 +169,134 @@ extern "C" __global__ void attention_combine(const Ctx c, const Attention a) {
     if (sa == 1) return; // written by `attention`
     const u32 hd = a.head_dim;
     att_combine(c.scratch + (u64)blockIdx.x * S * (hd + 2), sa, hd, at<float>(c, a.out) + (u64)blockIdx.x * hd);
+}
+
+// Decode attention (n == 1, head_dim a multiple of 4, cache rows 16-byte (f32) or 8-byte
+// (f16) aligned), latency first: grid = n_heads * S blocks of ATD_T threads. A block
+// takes a chunk of at least ATD_MIN positions, so a short context runs one block per head
+// and needs no merge; a long one spreads over up to S splits, merged by the last split to
+// finish (counters, as above). Per tile of ATD_T positions: each thread scores one
+// position (its K row by 16/8-byte loads, q from shared memory, every load in flight at
+// once), the block updates its running max and sum, then groups of head_dim/4 threads
+// accumulate p * V four dims per thread, G = ATD_T / (head_dim/4) positions side by side.
+// The pos word (a host page) is read once per block.
+#define ATD_T 128
+#define ATD_MIN 128
+
+template <bool F16> __device__ __forceinline__ float4 ld_cache4(const Ctx& c, u32 off, u64 i) {
+    if (F16) {
+        uint2 u = *(const uint2*)(at<u16>(c, off) + i);
+        return make_float4(f16_to_f32(u.x & 0xffff), f16_to_f32(u.x >> 16), f16_to_f32(u.y & 0xffff),
+                           f16_to_f32(u.y >> 16));
+    }
+    return *(const float4*)(at<float>(c, off) + i);
+}
+
+template <bool F16> __device__ void attention_dec_body(const Ctx& c, const Attention& a) {
+    __shared__ u32 spos, last;
+    __shared__ __align__(16) float qs[256];
+    __shared__ float sp[ATD_T];
+    __shared__ __align__(16) float4 sacc[ATD_T];
+    const u32 S = c.aux & 0xffff;
+    const bool fused = (c.aux >> 16) & 1;
+    const u32 tid = threadIdx.x, s = blockIdx.x % S, h = blockIdx.x / S;
+    const u32 hd = a.head_dim, kvh = h / (a.n_heads / a.n_kv_heads);
+    if (tid == 0) spos = tok_word(c, 0, a.pos);
+    const float* q = at<float>(c, a.q) + (u64)h * hd;
+    for (u32 d = tid; d < hd; d += ATD_T) qs[d] = q[d] * a.scale;
+    __syncthreads();
+    const u32 pos = spos;
+    if ((u64)pos + 1 > a.ctx) {
+        if (tid == 0 && blockIdx.x == 0) report(c, ERR_ATTN_POS, pos, 1);
+        return;
+    }
+    const u32 len = pos + 1;
+    u32 chunk = len, sa = 1;
+    if (S > 1) {
+        chunk = max((len + S - 1) / S, (u32)ATD_MIN);
+        sa = (len + chunk - 1) / chunk;
+    }
+    if (s >= sa) return;
+    const u32 t0 = s * chunk, t1 = min(len, t0 + chunk);
+    const u64 cbase = (u64)kvh * a.ctx * hd;
+    const u32 nd4 = hd / 4, G = ATD_T / nd4, g = tid / nd4, d4 = tid % nd4;
+    float m = -INFINITY, l = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (u32 tb = t0; tb < t1; tb += ATD_T) {
+        const u32 cnt = min((u32)ATD_T, t1 - tb);
+        float sc = -INFINITY;
+        if (tid < cnt) {
+            const u64 row = cbase + (u64)(tb + tid) * hd;
+            float dot = 0.0f;
+#pragma unroll 8
+            for (u32 j = 0; j < nd4; j++) {
+                float4 k4 = ld_cache4<F16>(c, a.k_cache, row + 4 * j);
+                float4 q4 = ((const float4*)qs)[j];
+                dot += k4.x * q4.x + k4.y * q4.y + k4.z * q4.z + k4.w * q4.w;
+            }
+            sc = dot;
+        }
+        const float mn = fmaxf(m, block_max(sc));
+        const float p = tid < cnt ? expf(sc - mn) : 0.0f;
+        sp[tid] = p;
+        const float lt = block_sum(p); // its barriers also publish sp
+        const float corr = expf(m - mn);
+        l = l * corr + lt;
+        m = mn;
+        acc.x *= corr; acc.y *= corr; acc.z *= corr; acc.w *= corr;
+        if (g < G) {
+#pragma unroll 8
+            for (u32 t = g; t < cnt; t += G) {
+                const float pt = sp[t];
+                const float4 v4 = ld_cache4<F16>(c, a.v_cache, cbase + (u64)(tb + t) * hd + 4 * d4);
+                acc.x += pt * v4.x; acc.y += pt * v4.y; acc.z += pt * v4.z; acc.w += pt * v4.w;
+            }
+        }
+        __syncthreads(); // sp is rewritten by the next tile
+    }
+    sacc[tid] = acc;
+    __syncthreads();
+    float* out = at<float>(c, a.out) + (u64)h * hd;
+    float* part0 = c.scratch + (u64)h * S * (hd + 2);
+    float* part = part0 + (u64)s * (hd + 2);
+    if (tid < nd4) {
+        float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (u32 gg = 0; gg < G; gg++) {
+            float4 v = sacc[gg * nd4 + tid];
+            o.x += v.x; o.y += v.y; o.z += v.z; o.w += v.w;
+        }
+        if (sa == 1) {
+            const float inv = 1.0f / l;
+            out[4 * tid] = o.x * inv; out[4 * tid + 1] = o.y * inv;
+            out[4 * tid + 2] = o.z * inv; out[4 * tid + 3] = o.w * inv;
+        } else {
+            part[2 + 4 * tid] = o.x; part[3 + 4 * tid] = o.y;
+            part[4 + 4 * tid] = o.z; part[5 + 4 * tid] = o.w;
+        }
+    }
+    if (sa == 1) return;
+    if (tid == 0) { part[0] = m; part[1] = l; }
+    if (!fused) return; // (exec.rs launches this kernel split only with counters)
+    // The last of the sa splits to get here merges them (and re-arms the counter).
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        u32* cnt = c.counters + h;
+        u32 old = atomicAdd(cnt, 1u);
+        last = old == sa - 1;
+        if (last) *cnt = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    att_combine(part0, sa, hd, out);
+}
+
+extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f32(const Ctx c, const Attention a) {
+    PDL_ENTER();
+    attention_dec_body<false>(c, a);
+}
+extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx c, const Attention a) {
+    PDL_ENTER();
+    attention_dec_body<true>(c, a);
 }

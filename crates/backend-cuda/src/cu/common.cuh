@@ -30,7 +30,18 @@ struct Ctx {
     u32* counters;  // backend-owned zeroed device words, left zero by every kernel (attention)
     u32 op;         // index of this op in its list, for error reports
     u32 aux;        // op-specific launch parameter (attention: splits)
+    u32* tok;       // per-token words staged on the device (stage.rs), or null
+    u32 tmap;       // byte s: index in tok of the op's s-th per-token word; 0xff: read the region
+    u32 pad_;
 };
+
+// The op's `slot`-th per-token word (a position, a token id) at region offset `off`: the
+// copy staged at the start of a decode step where there is one (one read of the host page
+// per step instead of one per op), else the region itself.
+__device__ __forceinline__ u32 tok_word(const Ctx& c, u32 slot, u32 off) {
+    const u32 i = (c.tmap >> (8 * slot)) & 0xff;
+    return i != 0xff ? c.tok[i] : *(const u32*)(c.base + off);
+}
 
 // Runtime errors found on the GPU: the first one wins, nothing is written out of bounds.
 #define ERR_KV_POS 1

@@ -126,74 +126,157 @@ __device__ void gemv_dense(const Ctx& c, const Matmul& mm, bool, u32 bx) {
     if (ok && sub == 0 && lane == 0) store_out(c, mm, 0, row, acc);
 }
 
-// Quantized matvec: a warp (or wpr warps, see above) per row. The row's bytes are staged
-// through shared memory in chunks of CB blocks (a multiple of 16 bytes), the warp's next
-// chunk's loads in flight while the current one is decoded; each lane then takes
-// 32-element units. The wpr warps of a row take every wpr-th chunk.
-template <u32 DT> struct QChunk { static constexpr u32 CB = blk_elems(DT) == 32 ? 32 : 8; };
-#define QCHUNK_MAX 1680  // Q6_K: 8 * 210 bytes; the largest chunk
-#define QREG ((QCHUNK_MAX / 16 + 31) / 32)
+// Quantized matvec. A block of 8 warps takes RB consecutive rows (aux bits 16-23; the launch
+// has ceil(m / RB) blocks) and first quantizes x to i16 per 32 elements into shared memory
+// (`XQ` in quant.cuh), in windows of QKW elements; the dot products are then integer (dp2a).
+// Each warp takes rows rl, rl + 8 / wpr, ... of the block and, with wpr warps per row (aux
+// bits 4-5), every wpr-th chunk of each. A chunk is CB quant blocks (32 lane units, a
+// multiple of 16 bytes) staged through the warp's shared memory: the warp's next two chunks
+// are in flight in registers while one is decoded (the first two before x is quantized).
+// A warp's sum per row goes to `part[row][sub]`, summed in a fixed order at the end.
+template <u32 DT> struct QChunk { static constexpr u32 CB = 32 / QUnit<DT>::PER_BLOCK; };
+#define QKW 8192
+#define QPART 512 // RB * wpr at most
+
+__device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint4* xq, float* xd, int* xs) {
+    // Thread t: 8 activations at 8 (t + 256 i); lanes t & ~3 .. t | 3 hold one 32-block.
+    float v[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const u32 e = 8 * (threadIdx.x + 256 * i);
+        if (8 * 256 * i < kw) {
+            if (e < kw) {
+                load_x8(x + e, v[i], xa);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[i][j] = 0.0f;
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (8 * 256 * i >= kw) break; // uniform
+        const u32 e = 8 * (threadIdx.x + 256 * i);
+        float amax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(v[i][j]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        // q = round(v / d) to nearest even, by the float magic 1.5 * 2^23: the bits of
+        // v * id + 1.5 * 2^23 are 0x4B400000 + q for |q| < 2^22, so their low 16 bits are q's
+        // and the sum of 8 is sum(q) + 8 * 0x4B400000 (mod 2^32). |v * id| <= 32767.01.
+        const float d = amax * (1.0f / 32767.0f), id = amax > 0.0f ? __fdividef(32767.0f, amax) : 0.0f;
+        u32 q[8], qs = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            q[j] = __float_as_uint(fmaf(v[i][j], id, 12582912.0f));
+            qs += q[j];
+        }
+        int sum = (int)(qs - 8u * 0x4B400000u);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        if (e < kw) {
+            uint4 p;
+            p.x = __byte_perm(q[0], q[1], 0x5410);
+            p.y = __byte_perm(q[2], q[3], 0x5410);
+            p.z = __byte_perm(q[4], q[5], 0x5410);
+            p.w = __byte_perm(q[6], q[7], 0x5410);
+            xq[xpos(e >> 3)] = p;
+            if ((threadIdx.x & 1) == 0) xs[e >> 4] = sum;
+            if ((threadIdx.x & 3) == 0) xd[e >> 5] = d;
+        }
+    }
+}
 
 template <u32 DT>
 __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u32 bx) {
-    __shared__ __align__(16) u8 stage[8][QCHUNK_MAX + 16];
-    constexpr u32 CB = QChunk<DT>::CB, BB = blk_bytes(DT), BE = blk_elems(DT), UPB = BE / 32;
-    constexpr u32 CHUNK = CB * BB;
+    constexpr u32 CB = QChunk<DT>::CB, BB = blk_bytes(DT), BE = blk_elems(DT), UPB = QUnit<DT>::PER_BLOCK;
+    constexpr u32 CHUNK = CB * BB, CE = CB * BE, CPW = QKW / CE, QREG = (CHUNK / 16 + 31) / 32;
+    __shared__ __align__(16) u8 stage[8][CHUNK + 16];
+    __shared__ uint4 xq[xpos(QKW / 8)];
+    __shared__ float xd[QKW / 32];
+    __shared__ int xs[QKW / 16];
+    __shared__ float part[QPART];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 ls = (c.aux >> 4) & 3, wpr = 1u << ls, sub = warp & (wpr - 1);
-    const u32 row = bx * (8u >> ls) + (warp >> ls);
-    const bool ok = row < mm.m;
-    if (ls == 0 && !ok) return;
-    float acc = 0.0f;
-    if (ok) {
-    const u32 nb = mm.k / BE;
-    const u64 rb = (u64)nb * BB;
-    const u8* w = c.base + mm.w + (u64)row * rb;
-    const float* x = at<float>(c, mm.x);
+    const u32 ls = (c.aux >> 4) & 3, wpr = 1u << ls, sub = warp & (wpr - 1), rl = warp >> ls, RG = 8u >> ls;
+    const u32 RB = (c.aux >> 16) & 0xFF, r0 = bx * RB;
+    const u32 R = min(RB, mm.m - r0);
+    const u32 nrows = rl < R ? (R - rl + RG - 1) / RG : 0u; // this warp's rows
+    const u32 rb = mm.k / BE * BB; // row bytes (a row lies inside the 4 GiB region)
+    const u8* w = c.base + mm.w + (u64)r0 * rb;
     u8* s = stage[warp];
-    const u32 nchunks = (nb + CB - 1) / CB;
-    uint4 r[QREG];
-    auto fetch = [&](u32 ci) {
-        u32 bytes = (u32)min((u64)CHUNK, rb - (u64)ci * CHUNK);
-        const uint4* src = (const uint4*)(w + (u64)ci * CHUNK);
-#pragma unroll
-        for (int i = 0; i < QREG; i++) {
-            u32 idx = lane + 32 * i;
-            if (idx * 16 < bytes) r[i] = __ldg(src + idx);
-        }
-    };
-    if (vec && sub < nchunks) fetch(sub);
-    for (u32 ci = sub; ci < nchunks; ci += wpr) {
-        u32 bytes = (u32)min((u64)CHUNK, rb - (u64)ci * CHUNK);
-        __syncwarp();
-        if (vec) {
+    const XQ X = {xq, xd, xs};
+    for (u32 i = threadIdx.x; i < R * wpr; i += blockDim.x) part[i] = 0.0f;
+    uint4 ra[QREG], rc[QREG];
+    const u32 nwin = (mm.k + QKW - 1) / QKW;
+    for (u32 win = 0; win < nwin; win++) {
+        const u32 kw = min((u32)QKW, mm.k - win * QKW);
+        const u32 nch = (kw / BE + CB - 1) / CB; // chunks of a row in this window
+        // This warp's items: (local row, window chunk), rows rl, rl + RG, ..., chunks sub,
+        // sub + wpr, ... < nch. Two cursors: the item being decoded and the one being fetched.
+        const bool any = sub < nch && nrows > 0;
+        const u32 rend = rl + nrows * RG;
+        struct Cur { u32 row, ci; };
+        auto advance = [&](Cur& k) {
+            k.ci += wpr;
+            if (k.ci >= nch) { k.ci = sub; k.row += RG; }
+        };
+        auto fetch = [&](uint4 (&r)[QREG], const Cur& k) {
+            if (!vec || k.row >= rend) return;
+            const u32 off = (win * CPW + k.ci) * CHUNK, bytes = min(CHUNK, rb - off);
+            const uint4* src = (const uint4*)(w + (u64)k.row * rb + off);
 #pragma unroll
             for (int i = 0; i < QREG; i++) {
-                u32 idx = lane + 32 * i;
-                if (idx * 16 < bytes) ((uint4*)s)[idx] = r[i];
+                const u32 idx = lane + 32 * i;
+                if (idx * 16 < bytes) r[i] = __ldg(src + idx);
             }
-            if (ci + wpr < nchunks) fetch(ci + wpr);
-        } else {
-            const u16* src = (const u16*)(w + (u64)ci * CHUNK);
-            for (u32 idx = lane; idx < bytes / 2; idx += 32) ((u16*)s)[idx] = src[idx];
-        }
-        __syncwarp();
-        // Eight lanes per 32-element unit, four units at a time: x is read coalesced.
-        const u32 units = bytes / BB * UPB;
-        const u32 sl = lane & 7;
-        for (u32 u = lane >> 3; u < units; u += 4) {
-            u32 blk = u / UPB, sub2 = u % UPB;
-            const float* xp = x + ((u64)ci * CB * BE + (u64)u * 32 + sl * 4);
-            float4 xv;
-            if (xa) xv = __ldg((const float4*)xp);
-            else xv = make_float4(__ldg(xp), __ldg(xp + 1), __ldg(xp + 2), __ldg(xp + 3));
-            acc += dot4<DT>(s + blk * BB, sub2, sl, xv);
+        };
+        Cur cur = {any ? rl : rend, sub}, pre = cur;
+        fetch(ra, pre);
+        advance(pre);
+        fetch(rc, pre);
+        advance(pre);
+        if (win) __syncthreads(); // every warp is done with the previous window's x
+        quantize_x(at<float>(c, mm.x) + (u64)win * QKW, xa, kw, xq, xd, xs);
+        __syncthreads();
+        float acc = 0.0f;
+        auto step = [&](uint4 (&r)[QREG]) {
+            const u32 off = (win * CPW + cur.ci) * CHUNK, bytes = min(CHUNK, rb - off);
+            __syncwarp();
+            if (vec) {
+#pragma unroll
+                for (int i = 0; i < QREG; i++) {
+                    const u32 idx = lane + 32 * i;
+                    if (idx * 16 < bytes) ((uint4*)s)[idx] = r[i];
+                }
+                fetch(r, pre);
+                advance(pre);
+            } else {
+                const u16* src = (const u16*)(w + (u64)cur.row * rb + off);
+                for (u32 idx = lane; idx < bytes / 2; idx += 32) ((u16*)s)[idx] = src[idx];
+            }
+            __syncwarp();
+            const u32 units = bytes / BB * UPB;
+            for (u32 u = lane; u < units; u += 32) acc += QUnit<DT>::dot(s, u, X, cur.ci * CE);
+            const u32 row = cur.row;
+            advance(cur);
+            if (cur.row != row) { // the row's last chunk (of this warp, in this window)
+                acc = warp_sum(acc);
+                if (lane == 0) part[row * wpr + sub] += acc;
+                acc = 0.0f;
+            }
+        };
+        while (cur.row < rend) {
+            step(ra);
+            if (cur.row >= rend) break;
+            step(rc);
         }
     }
+    __syncthreads();
+    for (u32 t = threadIdx.x; t < R; t += blockDim.x) {
+        float v = 0.0f;
+        for (u32 i = 0; i < wpr; i++) v += part[t * wpr + i];
+        store_out(c, mm, 0, r0 + t, v);
     }
-    acc = warp_sum(acc);
-    acc = row_reduce(acc, warp, lane, ls);
-    if (ok && sub == 0 && lane == 0) store_out(c, mm, 0, row, acc);
 }
 
 // Tiled matmul for n > 1: 64 rows x 64 tokens per block, K in steps of 32, each of
@@ -249,18 +332,46 @@ __device__ void gemm_tiled(const Ctx& c, const Matmul& mm) {
 // matvecs_<dtype>: up to 3 matvecs of one dtype in one launch (fused at record time:
 // q/k/v or gate/up reading the same x); block b belongs to the first i with b < end[i].
 struct MatvecGroup { Matmul m[3]; u32 count, end[3], aux[3]; };
+// aux bit 8: before waiting on the previous kernel (PDL), a block asks L2 to prefetch its
+// weight rows (one bulk prefetch per row per 64 KiB), so the stream from HBM overlaps the
+// previous kernel's tail and the small latency-bound kernels between matvecs. Only L2 is
+// filled, and L2 is where every write lands, so this cannot read a stale value even if an
+// earlier kernel of the graph wrote W; the data itself is read after the wait.
+#define MV_PREFETCH 256u
+__device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, u32 dt, u32 bx) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (!(c.aux & MV_PREFETCH)) return;
+    // Rows per block: quantized matvecs carry it in aux bits 16-23 (gemv_quant), dense 8 / wpr.
+    const u32 rq = (c.aux >> 16) & 0xFF, rows = rq ? rq : 8u >> ((c.aux >> 4) & 3), t = threadIdx.x;
+    const u32 row = bx * rows + t;
+    if (t >= rows || row >= mm.m) return;
+    const u64 rb = row_bytes(dt, mm.k);
+    const u64 a = (u64)(c.base + mm.w) + (u64)row * rb;
+    // Whole 16-byte granules (inside the region: it is page-aligned and page-sized).
+    const u64 a1 = (a + rb + 15) & ~15ull;
+    for (u64 p = a & ~15ull; p < a1; p += 65536) {
+        const u32 n = (u32)min(a1 - p, (u64)65536);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
+    }
+#endif
+}
+
 #define MATMUL_KERNELS(NAME, DT, GEMV)                                                   \
-    extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { PDL_ENTER(); \
+    extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { \
         const u32 bx = blockIdx.x;                                                       \
+        matvec_prefetch(c, mm, DT, bx);                                                  \
+        PDL_ENTER();                                                                     \
         GEMV;                                                                            \
     }                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) matvecs_##NAME(const Ctx c0, const MatvecGroup g) { PDL_ENTER(); \
+    extern "C" __global__ void __launch_bounds__(256) matvecs_##NAME(const Ctx c0, const MatvecGroup g) { \
         u32 i = 0;                                                                       \
         while (i + 1 < g.count && blockIdx.x >= g.end[i]) i++;                           \
         const u32 bx = blockIdx.x - (i ? g.end[i - 1] : 0u);                             \
         Ctx c = c0;                                                                      \
         c.aux = g.aux[i];                                                                \
         const Matmul mm = g.m[i];                                                        \
+        matvec_prefetch(c, mm, DT, bx);                                                  \
+        PDL_ENTER();                                                                     \
         GEMV;                                                                            \
     }                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) matmul_##NAME(const Ctx c, const Matmul mm) { PDL_WAIT(); \

@@ -7,27 +7,51 @@ extern "C" __global__ void embed(const Ctx c, const Embed e) {
     // Any bad id fails the whole op before anything is written (as on the CPU).
     int bad = 0;
     for (u32 i = threadIdx.x; i < e.n; i += blockDim.x) {
-        u32 id = ids[i];
+        u32 id = e.n == 1 ? tok_word(c, 0, e.ids) : ids[i];
         if (id >= e.vocab) { bad = 1; report(c, ERR_EMBED_ID, id, i); }
     }
     if (__syncthreads_or(bad)) return;
     u32 i = blockIdx.x;
-    u32 id = ids[i];
+    u32 id = e.n == 1 ? tok_word(c, 0, e.ids) : ids[i];
     const u8* row = c.base + e.table + (u64)id * row_bytes(e.dtype, e.dim);
     float* out = at<float>(c, e.out) + (u64)i * e.dim;
     for (u32 d = threadIdx.x; d < e.dim; d += blockDim.x) out[d] = dq_elem(e.dtype, row, d);
 }
 
+// One block per row. A row of up to RMS_R * blockDim.x elements is loaded into
+// registers at once (every load in flight together: the op is latency-bound at n == 1),
+// reduced, then scaled from the registers; longer rows loop.
+#define RMS_R 8
 extern "C" __global__ void rmsnorm(const Ctx c, const RmsNorm r) {
     PDL_ENTER();
     const float* x = at<float>(c, r.x) + (u64)blockIdx.x * r.dim;
     const float* w = at<float>(c, r.weight);
     float* out = at<float>(c, r.out) + (u64)blockIdx.x * r.dim;
+    const u32 B = blockDim.x;
+    if (r.dim <= RMS_R * B) {
+        float xv[RMS_R], wv[RMS_R], ss = 0.0f;
+#pragma unroll
+        for (u32 j = 0; j < RMS_R; j++) {
+            u32 d = threadIdx.x + j * B;
+            xv[j] = d < r.dim ? x[d] : 0.0f;
+            wv[j] = d < r.dim ? w[d] : 0.0f;
+        }
+#pragma unroll
+        for (u32 j = 0; j < RMS_R; j++) ss += xv[j] * xv[j];
+        ss = block_sum(ss); // ends with a barrier: every read of x is done before any write
+        float inv = 1.0f / sqrtf(ss / (float)r.dim + r.eps);
+#pragma unroll
+        for (u32 j = 0; j < RMS_R; j++) {
+            u32 d = threadIdx.x + j * B;
+            if (d < r.dim) out[d] = xv[j] * inv * wv[j];
+        }
+        return;
+    }
     float ss = 0.0f;
-    for (u32 d = threadIdx.x; d < r.dim; d += blockDim.x) ss += x[d] * x[d];
-    ss = block_sum(ss); // ends with a barrier: every read of x is done before any write
+    for (u32 d = threadIdx.x; d < r.dim; d += B) ss += x[d] * x[d];
+    ss = block_sum(ss);
     float inv = 1.0f / sqrtf(ss / (float)r.dim + r.eps);
-    for (u32 d = threadIdx.x; d < r.dim; d += blockDim.x) out[d] = x[d] * inv * w[d];
+    for (u32 d = threadIdx.x; d < r.dim; d += B) out[d] = x[d] * inv * w[d];
 }
 
 // Frequencies in f64, as Hugging Face's `_compute_llama3_parameters` does.
@@ -49,33 +73,42 @@ __device__ double rope_freq(const Rope& r, u32 j) {
     return freq;
 }
 
-// grid: n * n_heads blocks; threads over rotated pairs.
+// grid: n blocks, one per token. The token's n_rot / 2 angles are computed once (f64)
+// into shared memory, then the block's threads rotate every head's pairs: the f64
+// pow/sincos runs once per token, not once per head.
 extern "C" __global__ void rope(const Ctx c, const Rope r) {
     PDL_ENTER();
-    u32 i = blockIdx.x / r.n_heads, h = blockIdx.x % r.n_heads;
-    u32 p = at<u32>(c, r.positions)[i];
-    float* v = at<float>(c, r.x) + ((u64)i * r.n_heads + h) * r.head_dim;
-    u32 half = r.n_rot / 2;
+    __shared__ float cs[128], sn[128];
+    const u32 i = blockIdx.x, half = r.n_rot / 2;
+    const u32 p = r.n == 1 ? tok_word(c, 0, r.positions) : at<u32>(c, r.positions)[i];
     for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
         double s, co;
         sincos((double)p * rope_freq(r, j), &s, &co);
-        float fs = (float)s, fc = (float)co;
-        u32 a = r.mode == 0 ? 2 * j : j, b = r.mode == 0 ? 2 * j + 1 : j + half;
-        float x0 = v[a], x1 = v[b];
+        cs[j] = (float)co;
+        sn[j] = (float)s;
+    }
+    __syncthreads();
+    float* v0 = at<float>(c, r.x) + (u64)i * r.n_heads * r.head_dim;
+    for (u32 t = threadIdx.x; t < r.n_heads * half; t += blockDim.x) {
+        const u32 h = t / half, j = t % half;
+        float* v = v0 + (u64)h * r.head_dim;
+        const u32 a = r.mode == 0 ? 2 * j : j, b = r.mode == 0 ? 2 * j + 1 : j + half;
+        const float x0 = v[a], x1 = v[b], fc = cs[j], fs = sn[j];
         v[a] = x0 * fc - x1 * fs;
         v[b] = x0 * fs + x1 * fc;
     }
 }
 
-// One head of one token: rotate the pairs of v (the body of `rope`).
+// One head of one token: rotate the pairs of v (the body of `rope`). The pair is loaded
+// before the f64 frequency math, so the load's latency hides behind it.
 __device__ void rope_head(const Rope& r, u32 p, float* v) {
     u32 half = r.n_rot / 2;
     for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
+        u32 a = r.mode == 0 ? 2 * j : j, b = r.mode == 0 ? 2 * j + 1 : j + half;
+        float x0 = v[a], x1 = v[b];
         double s, co;
         sincos((double)p * rope_freq(r, j), &s, &co);
         float fs = (float)s, fc = (float)co;
-        u32 a = r.mode == 0 ? 2 * j : j, b = r.mode == 0 ? 2 * j + 1 : j + half;
-        float x0 = v[a], x1 = v[b];
         v[a] = x0 * fc - x1 * fs;
         v[b] = x0 * fs + x1 * fc;
     }
@@ -106,17 +139,18 @@ extern "C" __global__ void rope_kv(const Ctx c, const RopeKv f) {
     PDL_ENTER();
     u32 b = blockIdx.x;
     if (b < f.q.n_heads) {
-        u32 p = at<u32>(c, f.q.positions)[0];
+        u32 p = tok_word(c, 0, f.q.positions);
         rope_head(f.q, p, at<float>(c, f.q.x) + (u64)b * f.q.head_dim);
         return;
     }
+    const KvStore& s = f.s;
+    // Both per-token words (host pages) are read together: one bus round trip, not two.
+    u32 p = tok_word(c, 1, f.k.positions);
+    u32 pos = tok_word(c, 2, s.pos);
     u32 h = b - f.q.n_heads;
-    u32 p = at<u32>(c, f.k.positions)[0];
     float* kh = at<float>(c, f.k.x) + (u64)h * f.k.head_dim;
     rope_head(f.k, p, kh);
     __syncthreads();
-    const KvStore& s = f.s;
-    u32 pos = *at<u32>(c, s.pos);
     if ((u64)pos + 1 > s.ctx) {
         if (threadIdx.x == 0) report(c, ERR_KV_POS, pos, 1);
         return;
@@ -126,10 +160,18 @@ extern "C" __global__ void rope_kv(const Ctx c, const RopeKv f) {
     store_kv_head(c, s, src, dst);
 }
 
+// The first kernel of a decode step with staged words (stage.rs): copies the step's
+// per-token words from the region (host pages) into `tok`, once.
+struct TokStage { u32 n, off[16]; };
+extern "C" __global__ void stage_tok(const Ctx c, const TokStage s) {
+    PDL_ENTER();
+    if (threadIdx.x < s.n) c.tok[threadIdx.x] = *at<u32>(c, s.off[threadIdx.x]);
+}
+
 // grid: n * n_kv_heads blocks.
 extern "C" __global__ void kv_store(const Ctx c, const KvStore s) {
     PDL_ENTER();
-    u32 pos = *at<u32>(c, s.pos);
+    u32 pos = tok_word(c, 0, s.pos);
     if ((u64)pos + s.n > s.ctx) {
         if (threadIdx.x == 0) report(c, ERR_KV_POS, pos, s.n);
         return;

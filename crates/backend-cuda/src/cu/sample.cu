@@ -1,6 +1,9 @@
 // Token sampling on the GPU, so that only the token id crosses to the guest. One block
 // of 1024 threads; thread t owns the contiguous vocabulary range [t*C, (t+1)*C), so
 // prefix sums run in token-id order, as the reference's final draw does.
+// Passes whose result does not depend on the order (maxima, histograms, elementwise
+// updates, f64 sums) stride the vocabulary instead (`t += ST`: coalesced); only the
+// rank-by-id tie passes and the draw walk the contiguous ranges.
 // Pipeline (samepage_abi::Sample): repetition penalty, temperature, top-k, softmax,
 // top-p, min-p, draw (splitmix64). Top-k and top-p find their cut with a radix select
 // over the value bits instead of a sort. Scratch: l (vocab,) f32, p (vocab,) f32
@@ -28,16 +31,17 @@ __device__ u32 scan_u32(u32 v, u32& total) {
 }
 
 // Radix select: the key of the `k`-th largest (1-based) among keys passing `want`;
-// returns it and sets `ties` = how many elements equal to it are needed.
+// returns it and sets `ties` = how many elements equal to it are needed. The histogram
+// does not depend on the order, so the threads stride the vocabulary (coalesced).
 template <typename KeyF>
-__device__ u32 radix_select_count(u32 V, u32 lo, u32 hi, u32 k, KeyF key, u32& ties) {
+__device__ u32 radix_select_count(u32 V, u32 k, KeyF key, u32& ties) {
     __shared__ u32 hist[256];
     __shared__ u32 sh_prefix, sh_rem;
     u32 prefix = 0, mask = 0, rem = k;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < 256; b += ST) hist[b] = 0;
         __syncthreads();
-        for (u32 t = lo; t < hi; t++) {
+        for (u32 t = threadIdx.x; t < V; t += ST) {
             u32 kk;
             if (key(t, kk) && (kk & mask) == prefix) atomicAdd(&hist[(kk >> shift) & 255], 1u);
         }
@@ -87,6 +91,26 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         if (hist[j] >= V) { hb = 1; report(c, ERR_SAMPLE_HISTORY_ID, hist[j], j); }
     if (__syncthreads_or(hb)) return;
 
+    // Greedy without a penalty: the argmax straight from the logits, 8 loads in flight.
+    if (p.temperature <= 0.0f && p.repeat_penalty == 1.0f) {
+        const float* logits = at<float>(c, s.logits);
+        float bv = -INFINITY;
+        u32 bi = 0xffffffffu, t = tid;
+        for (; t + 7 * ST < V; t += 8 * ST) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] = __ldcs(logits + t + u * ST);
+#pragma unroll
+            for (int u = 0; u < 8; u++) argmax_merge(bv, bi, v[u] != v[u] ? -INFINITY : v[u], t + u * ST);
+        }
+        for (; t < V; t += ST) {
+            float v = __ldcs(logits + t);
+            argmax_merge(bv, bi, v != v ? -INFINITY : v, t);
+        }
+        u32 r = block_argmax(bv, bi);
+        if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
+        return;
+    }
     float* l = c.scratch;
     float* pb = c.scratch + V;
     // Coalesced, and the loads independent of the stores (the logits may live in host
@@ -119,17 +143,17 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
     if (p.temperature <= 0.0f) {
         float bv = -INFINITY;
         u32 bi = 0xffffffffu;
-        for (u32 t = lo; t < hi; t++) argmax_merge(bv, bi, l[t], t);
+        for (u32 t = tid; t < V; t += ST) argmax_merge(bv, bi, l[t], t);
         u32 r = block_argmax(bv, bi);
         if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
         return;
     }
-    for (u32 t = lo; t < hi; t++) { l[t] = l[t] / p.temperature; pb[t] = 1.0f; }
+    for (u32 t = tid; t < V; t += ST) { l[t] = l[t] / p.temperature; pb[t] = 1.0f; }
     __syncthreads();
     // 3. Top-k: keep keys above the k-th largest, and its ties by ascending id.
     if (p.top_k > 0 && p.top_k < V) {
         u32 ties;
-        u32 kstar = radix_select_count(V, lo, hi, p.top_k, [&](u32 t, u32& k) { k = order_key(l[t]); return true; }, ties);
+        u32 kstar = radix_select_count(V, p.top_k, [&](u32 t, u32& k) { k = order_key(l[t]); return true; }, ties);
         u32 mine = 0;
         for (u32 t = lo; t < hi; t++) mine += order_key(l[t]) == kstar;
         u32 tot;
@@ -143,20 +167,20 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
     }
     // 4. Softmax over the kept tokens.
     float mx = -INFINITY;
-    for (u32 t = lo; t < hi; t++) if (pb[t] > 0.0f) mx = fmaxf(mx, l[t]);
+    for (u32 t = tid; t < V; t += ST) if (pb[t] > 0.0f) mx = fmaxf(mx, l[t]);
     mx = block_max(mx);
     if (mx == -INFINITY) {
         float bv = -INFINITY;
         u32 bi = 0xffffffffu;
-        for (u32 t = lo; t < hi; t++) argmax_merge(bv, bi, l[t], t);
+        for (u32 t = tid; t < V; t += ST) argmax_merge(bv, bi, l[t], t);
         u32 r = block_argmax(bv, bi);
         if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
         return;
     }
     double se = 0.0;
-    for (u32 t = lo; t < hi; t++) if (pb[t] > 0.0f) se += (double)expf(l[t] - mx);
+    for (u32 t = tid; t < V; t += ST) if (pb[t] > 0.0f) se += (double)expf(l[t] - mx);
     se = block_sum_d(se);
-    for (u32 t = lo; t < hi; t++) if (pb[t] > 0.0f) pb[t] = (float)((double)expf(l[t] - mx) / se);
+    for (u32 t = tid; t < V; t += ST) if (pb[t] > 0.0f) pb[t] = (float)((double)expf(l[t] - mx) / se);
     __syncthreads();
     // 5. Top-p: the smallest prefix by descending probability (ties by id) whose mass
     //    reaches top_p. Weighted radix select on the probability bits.
@@ -171,7 +195,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         for (int shift = 24; shift >= 0; shift -= 8) {
             for (int b = tid; b < 256; b += ST) { mass[b] = 0.0; cnt[b] = 0; }
             __syncthreads();
-            for (u32 t = lo; t < hi; t++) {
+            for (u32 t = tid; t < V; t += ST) {
                 float v = pb[t];
                 if (v >= 0.0f) {
                     u32 k = __float_as_uint(v);
@@ -225,10 +249,10 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
     // 6. Min-p.
     if (p.min_p > 0.0f) {
         float pm = 0.0f;
-        for (u32 t = lo; t < hi; t++) pm = fmaxf(pm, pb[t]);
+        for (u32 t = tid; t < V; t += ST) pm = fmaxf(pm, pb[t]);
         pm = block_max(pm);
         float thr = p.min_p * pm;
-        for (u32 t = lo; t < hi; t++) if (pb[t] >= 0.0f && pb[t] < thr) pb[t] = -1.0f;
+        for (u32 t = tid; t < V; t += ST) if (pb[t] >= 0.0f && pb[t] < thr) pb[t] = -1.0f;
         __syncthreads();
     }
     // 7. Draw, walking the survivors in ascending token id.

@@ -44,13 +44,60 @@ fn check(what: &str, gpu: &[f32], want: &[f32], tol: f64) {
     assert!(e <= tol, "{what}: rel err {e:.3e} > {tol:.0e}");
 }
 
+/// The unit roundoff of the prefill GEMM's inputs (n > 1 through cuBLAS): x rounded to
+/// bf16 for BF16 weights, x and W to f16 for F16 and quantized weights (W's rounding
+/// adds as much again), none for F32 (Sgemm). `SAMEPAGE_CUDA_GEMM=tiled` is exact.
+fn gemm_unit(dt: DType) -> f64 {
+    match dt {
+        DType::F32 => 0.0,
+        DType::BF16 => (2.0f64).powi(-8),
+        _ => (2.0f64).powi(-11),
+    }
+}
+
+/// Every output of an n > 1 matmul within `u * sum_l |x_il| |w_jl|` (plus f32 rounding
+/// of the sums, bias and accumulated values) of the reference: a wrong layout or a
+/// transposed operand is far outside it. And the normalised error within `u`.
+#[allow(clippy::too_many_arguments)]
+fn check_gemm(
+    what: &str,
+    gpu: &[f32],
+    want: &[f32],
+    dt: DType,
+    w: &[u8],
+    (m, k, n): (usize, usize, usize),
+    x: &[f32],
+    extra: Option<(&[f32], &[f32])>,
+) {
+    let u = gemm_unit(dt);
+    check(what, gpu, want, u.max(1e-5));
+    let wd = r::dequant(dt, w, m, k);
+    let mut worst = 0.0f64;
+    for i in 0..n {
+        for j in 0..m {
+            let s: f64 = (0..k).map(|l| (x[i * k + l] as f64 * wd[j * k + l] as f64).abs()).sum();
+            let e = extra.map_or(0.0, |(b, p)| (b[j].abs() + p[i * m + j].abs()) as f64);
+            let (g, r) = (gpu[i * m + j] as f64, want[i * m + j] as f64);
+            let bound = (u + 1e-5) * s + 1e-5 * e + 1e-6;
+            worst = worst.max((g - r).abs() / bound);
+            assert!(
+                (g - r).abs() <= bound,
+                "{what}: out[{i}, {j}] = {g} vs {r}: error {:.3e} > bound {bound:.3e}",
+                (g - r).abs()
+            );
+        }
+    }
+    println!("{what}: worst error / bound {worst:.2}");
+}
+
 #[test]
 fn matmul_every_dtype_and_path() {
     let Some(gpu) = cuda() else { return };
     let mut rng = Rng::new(1);
     for dt in DType::WEIGHTS {
         let kq = dt.block_elems().max(32);
-        // (m, k, n, weight skew, x skew): skews of 2/4 bytes take the unaligned paths.
+        // (m, k, n, weight skew, x skew): skews of 2/4 bytes take the unaligned paths. n > 1:
+        // cuBLAS (quantized n <= 4: one matvec per row), unless SAMEPAGE_CUDA_GEMM=tiled.
         let mut shapes = vec![
             (67, 2 * kq.max(256), 1, 0, 0),
             (67, 2 * kq.max(256), 1, 2, 4),
@@ -60,6 +107,14 @@ fn matmul_every_dtype_and_path() {
         if dt.block_elems() == 1 {
             shapes.push((33, 40, 1, 0, 0));
             shapes.push((33, 40, 2, 0, 0));
+            // Prefill GEMM: W rows 8-byte aligned, and k not a multiple of 8 (both
+            // through the scratch copy), x 4-byte aligned.
+            shapes.push((40, 64, 9, 8, 4));
+            shapes.push((33, 36, 5, 8, 0));
+        }
+        if dt == DType::Q4_K || dt == DType::BF16 {
+            // W in two scratch chunks (32 MiB of f16 rows each: 2048 rows of k = 8192).
+            shapes.push((2100, 8192, 5, if dt == DType::BF16 { 2 } else { 0 }, 0));
         }
         if dt == DType::F32 {
             // f32 weights are 4-byte aligned: no 2-byte skew.
@@ -105,7 +160,16 @@ fn matmul_every_dtype_and_path() {
                     "matmul {} m={m} k={k} n={n} skew=({wskew},{xskew}) flags={flags}",
                     dt.name()
                 );
-                check(&what, &read_f32s(&g, oo, n * m), &want, 1e-5);
+                if n == 1 {
+                    // Quantized W: the matvec rounds x to i16 per 32 elements (as the CPU
+                    // backend): 2^-16 of each block's max at most, ~1.5e-5 normwise for
+                    // uniform x; one wrongly decoded weight of k = 512 is ~1e-2.
+                    let tol = if dt.block_elems() == 1 { 1e-5 } else { 5e-5 };
+                    check(&what, &read_f32s(&g, oo, n * m), &want, tol);
+                } else {
+                    let extra = (flags != 0).then_some((&bias[..], &prev[..]));
+                    check_gemm(&what, &read_f32s(&g, oo, n * m), &want, dt, &w, (m, k, n), &x, extra);
+                }
                 let cpu_err = r::rel_err(&read_f32s(&c, oo, n * m), &read_f32s(&g, oo, n * m));
                 assert!(cpu_err < 2e-2, "{what}: differs from the CPU backend by {cpu_err:.2e}");
             }
@@ -312,11 +376,25 @@ fn kv_store_and_attention() {
     let Some(gpu) = cuda() else { return };
     let mut rng = Rng::new(4);
     for cache_dt in [DType::F32, DType::F16] {
-        // (n, pos, ctx): decode with many splits, decode at 0, a prefill chunk.
+        // (n, pos, ctx): decode with many splits, decode at 0, a prefill chunk; then
+        // prefills through the tiled kernel (n >= 32): rows (query, group head) not a
+        // multiple of its 32-row tiles, head_dim 64 / 80 / 128 / 256, GQA groups of 1, 2,
+        // 4, pos 0 and > 0, the cache ending at pos + n.
         for (n, pos, ctx, heads, kvh, hd) in [
             (1usize, 300usize, 512usize, 8usize, 2usize, 64usize),
             (1, 0, 2048, 4, 4, 128),
+            // Single-token kernel (attention_dec): several 128-position tiles per split
+            // (64 splits), head_dim 80 (threads left idle in the p * V phase) with a merge,
+            // and one split of one tile.
+            (1, 9000, 9100, 4, 2, 64),
+            (1, 130, 200, 6, 3, 80),
+            (1, 127, 128, 8, 8, 256),
             (7, 20, 64, 6, 3, 80),
+            (37, 0, 64, 8, 2, 64),
+            (70, 25, 95, 6, 6, 128),
+            (33, 5, 64, 4, 1, 80),
+            (40, 100, 160, 4, 2, 256),
+            (100, 200, 512, 32, 8, 64),
         ] {
             let es = cache_dt.block_bytes();
             // An old cache (random), new k/v for positions pos..pos+n, queries.
@@ -499,5 +577,115 @@ fn sample_matches_the_cpu_draw_for_draw() {
         // exp() differs in the last ulp between the CPU and the GPU; a draw on a boundary
         // may differ, rarely.
         assert!(same >= 11, "case {ci}: only {same}/12 draws agree ({p:?})");
+    }
+}
+
+/// Prefill ops (n > 1: cuBLAS GEMMs with their scratch, the tiled attention) recorded as
+/// one CUDA graph by stream capture and replayed at two positions: the same results as
+/// the CPU's graph.
+#[test]
+fn prefill_graph_matches_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(9);
+    let (n, dim, heads, kvh, hd, ctx) = (48usize, 256usize, 8usize, 2usize, 64usize, 128usize);
+    let mut img = Image::default();
+    let x = rng.f32s(n * dim);
+    let (kn, vn, q) = (rng.f32s(n * kvh * hd), rng.f32s(n * kvh * hd), rng.f32s(n * heads * hd));
+    let bias = rng.f32s(96);
+    let mats = [
+        (DType::Q4_K, 96usize, 0usize),
+        (DType::BF16, 64, 2),
+        (DType::F32, 32, 0),
+    ];
+    let ws: Vec<Vec<u8>> = mats.iter().map(|&(dt, m, _)| weights(dt, m, dim, &mut rng)).collect();
+    let wo: Vec<u32> = ws
+        .iter()
+        .zip(&mats)
+        .map(|(w, &(_, _, sk))| img.put_skewed(w, sk))
+        .collect();
+    let xo = img.f32s(&x);
+    let bo = img.f32s(&bias);
+    let (ko, vo, qo) = (img.f32s(&kn), img.f32s(&vn), img.f32s(&q));
+    let kc = img.out(2 * kvh * ctx * hd);
+    let vc = img.out(2 * kvh * ctx * hd);
+    let po = img.u32s(&[0]);
+    let ao = img.out(4 * n * heads * hd);
+    let oo: Vec<u32> = mats.iter().map(|&(_, m, _)| img.out(4 * n * m)).collect();
+    let l = img.size();
+    let st = abi::KvStore {
+        k: ko,
+        v: vo,
+        n: n as u32,
+        n_kv_heads: kvh as u32,
+        head_dim: hd as u32,
+        k_cache: kc,
+        v_cache: vc,
+        cache_dtype: DType::F16 as u32,
+        ctx: ctx as u32,
+        pos: po,
+    };
+    let at = abi::Attention {
+        q: qo,
+        n: n as u32,
+        n_heads: heads as u32,
+        n_kv_heads: kvh as u32,
+        head_dim: hd as u32,
+        k_cache: kc,
+        v_cache: vc,
+        cache_dtype: DType::F16 as u32,
+        ctx: ctx as u32,
+        pos: po,
+        out: ao,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let mut ops = vec![op(code::KV_STORE, &st, l), op(code::ATTENTION, &at, l)];
+    for (i, &(dt, m, _)) in mats.iter().enumerate() {
+        let d = abi::Matmul {
+            w: wo[i],
+            dtype: dt as u32,
+            m: m as u32,
+            k: dim as u32,
+            x: xo,
+            n: n as u32,
+            out: oo[i],
+            bias: bo,
+            flags: if i == 1 { abi::MATMUL_BIAS } else { 0 },
+        };
+        ops.push(op(code::MATMUL, &d, l));
+    }
+    let (rg, rc) = (load(&gpu, &img), load(&cpu(), &img));
+    let mut g = gpu.record(ops.clone()).unwrap();
+    let mut cg = cpu().record(ops).unwrap();
+    for pos in [0u32, 48] {
+        for r in [&rg, &rc] {
+            r.mem().write_u32(po, pos).unwrap();
+        }
+        g.launch(rg.mem()).unwrap();
+        cg.launch(rc.mem()).unwrap();
+        g.wait().unwrap();
+        cg.wait().unwrap();
+        let (a, b) = (snapshot(&rg), snapshot(&rc));
+        let what = format!("prefill graph at pos {pos}");
+        check(
+            &format!("{what}: attention"),
+            &read_f32s(&a, ao, n * heads * hd),
+            &read_f32s(&b, ao, n * heads * hd),
+            1e-5,
+        );
+        for (i, &(dt, m, _)) in mats.iter().enumerate() {
+            let bias_r = (i == 1).then_some(&bias[..m]);
+            let want = r::matmul(dt, &ws[i], m, dim, &x, n, bias_r, None);
+            let extra = vec![0.0; n * m];
+            check_gemm(
+                &format!("{what}: matmul {}", dt.name()),
+                &read_f32s(&a, oo[i], n * m),
+                &want,
+                dt,
+                &ws[i],
+                (m, dim, n),
+                &x,
+                bias_r.map(|b| (b, &extra[..])),
+            );
+        }
     }
 }
