@@ -37,3 +37,7 @@ if [ -n "$NCU" ]; then
   timeout 200 /usr/local/cuda/bin/ncu --clock-control none --cache-control none --graph-profiling node --launch-count 1200 \
     --metrics gpu__time_duration.sum --csv /tmp/new bench --backend cuda -m $M/hf -p 512 -n 1 -r 1 > "$OUT/ncu_prefill.csv" 2>/dev/null
 fi
+if [ -n "$TORCH" ]; then  # the PyTorch peer, same call (TORCH=compile adds torch.compile)
+  timeout 150 python3 $C/torch_decode.py 2>&1 | tail -4 | tee -a "$OUT/bench.log"
+  [ "$TORCH" = compile ] && timeout 240 python3 $C/torch_decode.py compile 2>&1 | tail -4 | tee -a "$OUT/bench.log"
+fi
