@@ -6,7 +6,7 @@
 set -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/samepage-cuda-out}; mkdir -p "$OUT"
-C=.cuda-carry M=${M:-/tmp/llama1b}
+C=${C:-.cuda-carry} M=${M:-/tmp/llama1b}
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/gguf-*.whl && export PYTHONPATH=/tmp/site
 xz -dc $C/samepage.xz > /tmp/samepage && chmod +x /tmp/samepage

@@ -488,7 +488,86 @@ pub(crate) fn launch_rope_kv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[O
 }
 
 /// Enqueue a group accepted by [`groupable`] as one launch.
+/// `struct MvStream` of `cu/matmul.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct MvStream {
+    m: [abi::Matmul; 3],
+    count: u32,
+    rend: [u32; 3],
+    upr: u32,
+    rpi: u32,
+    groups: u32,
+}
+// SAFETY: #[repr(C)] of 4-byte scalars, no padding.
+unsafe impl samepage_abi::Pod for MvStream {}
+
+/// The streaming dense matvec (`gemv_stream` in matmul.cu) for single-token matvecs `ms`
+/// of one dense dtype over one x (one matrix, or a record-time group): the descriptor and
+/// the blocks to launch; `None` where it does not apply (quantized, W rows not 16-byte
+/// aligned, rows longer than 8 rounds of loads). Only with `SAMEPAGE_CUDA_MVS=1`: on an
+/// H100 it measured slower than `gemv_dense` (bf16 Llama-1B tg128 690-694 vs 736 tok/s;
+/// gemv_bench 2048 x 8192 1.90 vs 2.23 TB/s): two resident blocks per SM keep less in
+/// flight than `gemv_dense`'s many short blocks. Kept as the base for a prologue (rmsnorm /
+/// swiglu into the matvec) that needs few blocks.
+fn stream_plan(base: u64, ms: &[abi::Matmul], sms: u32) -> Option<(MvStream, u64)> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_MVS").as_deref() == Ok("1")) {
+        return None;
+    }
+    let dt = DType::from_u32(ms.first()?.dtype)?;
+    if !matches!(dt, DType::F32 | DType::F16 | DType::BF16) || ms.len() > 3 {
+        return None;
+    }
+    let rb = dt.row_bytes(ms[0].k as usize)? as u64;
+    let aligned = |m: &abi::Matmul| (base + m.w as u64).is_multiple_of(16) && rb.is_multiple_of(16);
+    if !ms.iter().all(aligned) {
+        return None;
+    }
+    // One unit: 32 lanes x MVS_U (8) loads of 16 bytes.
+    let upr = (rb / 16).div_ceil(32 * 8);
+    if upr == 0 || upr > 8 {
+        return None;
+    }
+    let mut g = MvStream {
+        m: [abi::Matmul::default(); 3],
+        count: ms.len() as u32,
+        rend: [0; 3],
+        upr: upr as u32,
+        rpi: (8 / upr) as u32,
+        groups: 0,
+    };
+    let mut rows = 0u64;
+    for (i, m) in ms.iter().enumerate() {
+        g.m[i] = *m;
+        rows += m.m as u64;
+        g.rend[i] = u32::try_from(rows).ok()?;
+    }
+    let groups = rows.div_ceil(g.rpi as u64);
+    // About two resident blocks per SM (128 registers a thread), groups spread evenly.
+    let iters = groups.div_ceil(2 * sms.max(1) as u64);
+    g.groups = u32::try_from(groups).ok()?;
+    Some((g, groups.div_ceil(iters)))
+}
+
+/// Launch `ms` through `stream_plan`'s kernel if it applies; `Ok(false)` if not.
+fn launch_stream(k: &Kernels, stream: &CudaStream, mut c: KCtx, ms: &[abi::Matmul]) -> Result<bool, OpError> {
+    let Some((g, blocks)) = stream_plan(c.base, ms, k.sms) else {
+        return Ok(false);
+    };
+    c.aux = ((c.base + ms[0].x as u64).is_multiple_of(16) as u32) << 1;
+    go(stream, &k.mvs[ms[0].dtype as usize], c, g, cfg(blocks, 256)?, "matvec")?;
+    Ok(true)
+}
+
 pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
+    let ms: Vec<abi::Matmul> = ops
+        .iter()
+        .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
+        .collect();
+    if ms.len() == ops.len() && launch_stream(k, stream, c, &ms)? {
+        return Ok(());
+    }
     let mut g = MatvecGroup {
         m: [abi::Matmul::default(); 3],
         count: ops.len() as u32,
@@ -547,11 +626,12 @@ thread_local! {
 }
 
 /// `MV_PREFETCH` (matmul.cu) for a single-token matvec launched now: in a PDL capture
-/// (where the block starts before the previous kernel ends), unless
-/// `SAMEPAGE_CUDA_PREFETCH=0`.
+/// (where the block starts before the previous kernel ends), with
+/// `SAMEPAGE_CUDA_PREFETCH=1`. Off by default: measured 4-5% slower bf16 decode on both an
+/// H100 (tg128 668-672 vs 701-703 tok/s) and an H200 (762-773 vs 806).
 fn prefetch_bit() -> u32 {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_PREFETCH").as_deref() != Ok("0"));
+    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_PREFETCH").as_deref() == Ok("1"));
     if on && crate::kernels::pdl() && PDL_NOW.with(|p| p.get()) {
         256
     } else {
@@ -652,6 +732,9 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
         }
         Op::Matmul(m) => {
             if m.n == 1 {
+                if launch_stream(k, stream, c, &[m])? {
+                    return Ok(());
+                }
                 let (aux, blocks) = matvec_aux(c.base, &m, m.m as u64);
                 c.aux = aux | prefetch_bit();
                 go(stream, &k.matvec[m.dtype as usize], c, m, cfg(blocks, 256)?, "matvec")

@@ -77,15 +77,23 @@ pub struct Kernels {
     pub matmul: Vec<CudaFunction>,
     /// `matvecs_<dtype>`: up to 3 matvecs sharing x in one launch, by dtype code.
     pub matvecs: Vec<CudaFunction>,
+    /// `mvs_<f32|f16|bf16>`: the streaming dense matvec (`exec::stream_plan`), by dtype code.
+    pub mvs: Vec<CudaFunction>,
+    /// Multiprocessors of the device.
+    pub sms: u32,
     /// Prefill GEMM helpers (cu/gemm.cu): x to f16 / bf16 scratch.
     pub gemm_x_f16: CudaFunction,
     pub gemm_x_bf16: CudaFunction,
     /// `gemm_w_<dtype>`: W rows to 16-bit scratch, by dtype code - 1 (F16 .. Q6_K).
     pub gemm_w: Vec<CudaFunction>,
     pub gemm_bias: CudaFunction,
-    /// `attention_prefill_<hdt>` for `prefill::ATTENTION_PREFILL_HDT`; `None` where the
-    /// device could not grant its dynamic shared memory.
+    /// `attention_prefill_simt_<hdt>` (exact fp32) for `prefill::ATTENTION_PREFILL_HDT`;
+    /// `None` where the device could not grant its dynamic shared memory.
     pub attention_prefill: Vec<Option<CudaFunction>>,
+    /// `attention_prefill_<hdt>` (tensor cores) and the dynamic shared memory granted it
+    /// (enough for F16 caches, or for F32 ones too); empty below sm_80 and with
+    /// `SAMEPAGE_CUDA_ATTN=simt`, `None` where not even the F16 amount was granted.
+    pub attention_prefill_tc: Vec<Option<(CudaFunction, u32)>>,
     /// The cuBLAS handle for prefill GEMMs (set by the backend after loading; `None`:
     /// n > 1 matmuls use the tiled kernel).
     pub(crate) blas: Option<crate::prefill::Blas>,
@@ -138,6 +146,13 @@ impl Kernels {
                 .iter()
                 .map(|s| f(&format!("matvecs_{s}")))
                 .collect::<Result<_, _>>()?,
+            mvs: DTYPE_SUFFIX[..3]
+                .iter()
+                .map(|s| f(&format!("mvs_{s}")))
+                .collect::<Result<_, _>>()?,
+            sms: ctx
+                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| format!("multiprocessor count: {e:?}"))? as u32,
             gemm_x_f16: f("gemm_x_f16")?,
             gemm_x_bf16: f("gemm_x_bf16")?,
             gemm_w: DTYPE_SUFFIX[1..]
@@ -148,20 +163,38 @@ impl Kernels {
             attention_prefill: crate::prefill::ATTENTION_PREFILL_HDT
                 .iter()
                 .map(|&h| {
-                    let func = f(&format!("attention_prefill_{h}"))?;
-                    let smem = crate::prefill::attention_prefill_smem(h) as i32;
-                    Ok(func
-                        .set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            smem,
-                        )
-                        .ok()
-                        .map(|_| func))
+                    let func = f(&format!("attention_prefill_simt_{h}"))?;
+                    let smem = crate::prefill::attention_prefill_smem(h);
+                    Ok(grant_smem(&func, smem).then_some(func))
                 })
                 .collect::<Result<_, String>>()?,
+            attention_prefill_tc: if major >= 8 && crate::prefill::attn_mode()? == crate::prefill::AttnMode::Mma {
+                crate::prefill::ATTENTION_PREFILL_HDT
+                    .iter()
+                    .map(|&h| {
+                        let func = f(&format!("attention_prefill_{h}"))?;
+                        let granted = [true, false]
+                            .into_iter()
+                            .map(|f32_cache| crate::prefill::attention_prefill_tc_smem(h, f32_cache))
+                            .find(|&smem| grant_smem(&func, smem));
+                        Ok(granted.map(|smem| (func, smem)))
+                    })
+                    .collect::<Result<_, String>>()?
+            } else {
+                Vec::new()
+            },
             blas: None,
         })
     }
+}
+
+/// Opt `f` in to `smem` bytes of dynamic shared memory; whether the device granted it.
+fn grant_smem(f: &CudaFunction, smem: u32) -> bool {
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .is_ok()
 }
 
 /// Write the PTX for `arch` to `path` (for inspection: `SAMEPAGE_DUMP_PTX`).

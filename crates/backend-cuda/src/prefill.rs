@@ -24,8 +24,13 @@
 //!   mutex).
 //!
 //! **Attention** with n >= [`ATTENTION_PREFILL_MIN_N`] runs `attention_prefill_<64|128|256>`
-//! (cu/attention_prefill.cu): blocks of 32 (query, group head) rows of one KV head share
-//! K/V tiles of 32 positions in shared memory, with an online softmax, in fp32.
+//! (cu/attention_prefill.cu, head_dim rounded up) on tensor cores, flash-attention style:
+//! blocks of 64 (query, group head) rows of one KV head (16 per warp) share K/V tiles of 64
+//! positions (32 for head_dim > 128) in shared memory, double buffered; S = Q K^T and
+//! O += P V by `mma.sync` m16n8k16 on f16 inputs (q * scale, K, V, P each rounded to f16
+//! once) with f32 accumulation and an f32 online softmax. Normwise error a few 2^-11.
+//! `SAMEPAGE_CUDA_ATTN=simt` (and GPUs older than sm_80) runs the exact fp32 SIMT kernel
+//! `attention_prefill_simt_<hdt>` instead (32-row blocks, 32-position tiles).
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -441,18 +446,53 @@ impl Drop for Blas {
     }
 }
 
-/// Dynamic shared memory of `attention_prefill_<hdt>` (`APF_SMEM` in the .cu).
+/// How prefill attention runs: `SAMEPAGE_CUDA_ATTN` = `mma` (tensor cores, the default
+/// on sm_80+) or `simt` (the exact fp32 kernel, for A/B and precision checks).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum AttnMode {
+    Mma,
+    Simt,
+}
+
+pub(crate) fn attn_mode() -> Result<AttnMode, String> {
+    static MODE: OnceLock<Result<AttnMode, String>> = OnceLock::new();
+    MODE.get_or_init(|| match std::env::var("SAMEPAGE_CUDA_ATTN").as_deref() {
+        Ok("mma") | Ok("") | Err(_) => Ok(AttnMode::Mma),
+        Ok("simt") => Ok(AttnMode::Simt),
+        Ok(other) => Err(format!(
+            "SAMEPAGE_CUDA_ATTN={other} is not an attention mode; use mma or simt"
+        )),
+    })
+    .clone()
+}
+
+/// Dynamic shared memory of `attention_prefill_simt_<hdt>` (`APF_SMEM` in the .cu).
 pub(crate) fn attention_prefill_smem(hdt: u32) -> u32 {
     const R: u32 = 32;
     const KT: u32 = 32;
     (R * hdt + KT * (hdt + 4) + KT * hdt + R * KT) * 4
 }
 
+/// Rows (query, group head) per block of `attention_prefill_<hdt>` (`APT_BM`).
+const TC_ROWS: u32 = 64;
+
+/// Dynamic shared memory of `attention_prefill_<hdt>` (`APT_SMEM16` / `APT_SMEM32` in the
+/// .cu): f16 Q and double-buffered K, V tiles, plus an f32 staging tile for an F32 cache.
+pub(crate) fn attention_prefill_tc_smem(hdt: u32, f32_cache: bool) -> u32 {
+    let kt = if hdt <= 128 { 64 } else { 32 };
+    let f16 = (TC_ROWS + 4 * kt) * (hdt + 8) * 2;
+    if f32_cache {
+        f16 + 2 * kt * hdt * 4
+    } else {
+        f16
+    }
+}
+
 /// The head sizes `attention_prefill_<hdt>` is built for.
 pub(crate) const ATTENTION_PREFILL_HDT: [u32; 3] = [64, 128, 256];
 
-/// Enqueue a prefill attention with the tiled kernel; `false` when it does not apply
-/// (few queries, or a kernel whose shared memory the device could not grant).
+/// Enqueue a prefill attention with a tiled kernel; `false` when it does not apply (few
+/// queries, or kernels whose shared memory the device could not grant).
 pub(crate) fn attention(k: &Kernels, stream: &CudaStream, c: KCtx, a: &abi::Attention) -> Result<bool, OpError> {
     if a.n < ATTENTION_PREFILL_MIN_N || a.n_kv_heads == 0 {
         return Ok(false);
@@ -460,12 +500,25 @@ pub(crate) fn attention(k: &Kernels, stream: &CudaStream, c: KCtx, a: &abi::Atte
     let Some(i) = ATTENTION_PREFILL_HDT.iter().position(|&h| a.head_dim <= h) else {
         return Ok(false);
     };
+    let hdt = ATTENTION_PREFILL_HDT[i];
+    let g = (a.n_heads / a.n_kv_heads) as u64;
+    let rows = a.n as u64 * g;
+    // Tensor cores where loaded and granted this cache's shared memory.
+    let smem = attention_prefill_tc_smem(hdt, a.cache_dtype != DType::F16 as u32);
+    if let Some((f, _)) = k
+        .attention_prefill_tc
+        .get(i)
+        .and_then(|f| f.as_ref())
+        .filter(|f| f.1 >= smem)
+    {
+        let threads = rows.div_ceil(TC_ROWS as u64) * a.n_kv_heads as u64 * 128;
+        launch(stream, f, c, *a, threads, 128, smem, "attention_prefill")?;
+        return Ok(true);
+    }
     let Some(f) = k.attention_prefill[i].as_ref() else {
         return Ok(false);
     };
-    let hdt = ATTENTION_PREFILL_HDT[i];
-    let g = (a.n_heads / a.n_kv_heads) as u64;
-    let tiles = (a.n as u64 * g).div_ceil(32);
+    let tiles = rows.div_ceil(32);
     launch(
         stream,
         f,
@@ -474,7 +527,7 @@ pub(crate) fn attention(k: &Kernels, stream: &CudaStream, c: KCtx, a: &abi::Atte
         tiles * a.n_kv_heads as u64 * 128,
         128,
         attention_prefill_smem(hdt),
-        "attention_prefill",
+        "attention_prefill_simt",
     )?;
     Ok(true)
 }

@@ -69,11 +69,21 @@ fn read_json(path: &str) -> Result<Value, String> {
     serde_json::from_slice(&read_all(path)?).map_err(|e| format!("{path} is not valid JSON: {e}"))
 }
 
+/// Whether the backend places mapped file bytes by mapping pages (the CPU's `mmap`), which
+/// needs the destination congruent to the file offset modulo 4096. The others read the
+/// bytes in, so the destination is free.
+fn maps_pages() -> bool {
+    static CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CPU.get_or_init(|| samepage_guest::backend_name() == "cpu")
+}
+
 /// Map `len` bytes of `f` from `start` into a fresh page-aligned buffer; returns the
-/// buffer and the offset of the data inside it (`start % 4096`, so that the host can map
-/// whole pages).
+/// buffer and the offset of the data inside it: `start % 4096` where the host maps whole
+/// pages, else 0, so that tensor data keeps the alignment of its place in the file's data
+/// section (safetensors data often starts 8 bytes off a 16-byte boundary, and 16-byte
+/// aligned rows let GPU kernels and cuBLAS use their widest loads).
 fn map_section(f: &File, start: u64, len: u64, what: &str) -> Result<(Buffer, usize), String> {
-    let pad = (start % 4096) as usize;
+    let pad = if maps_pages() { (start % 4096) as usize } else { 0 };
     let total = (pad as u64 + len).div_ceil(4096) * 4096 + 4096;
     if total > MEMORY_LIMIT {
         return Err(format!(

@@ -126,6 +126,97 @@ __device__ void gemv_dense(const Ctx& c, const Matmul& mm, bool, u32 bx) {
     if (ok && sub == 0 && lane == 0) store_out(c, mm, 0, row, acc);
 }
 
+// Streaming dense matvec (n == 1; W rows 16-byte aligned; f32/f16/bf16), for up to 3
+// matrices over the same x (a record-time group: q/k/v, gate/up) or one. A unit is one
+// round of MVS_U 16-byte loads per lane of one row (32 * MVS_U * 16 bytes); a row of
+// `upr` units (<= 8) goes to `upr` warps of one block, which handles `rpi` = 8 / upr rows
+// per group. Blocks stride over the groups (about two resident blocks per SM), and each
+// warp issues its next group's loads before it reduces the current one, so every warp
+// keeps two rounds in flight and the launch streams W instead of running one round per
+// warp in waves. Row sums over the units meet in shared memory in a fixed order.
+#define MVS_U 8
+struct MvStream { Matmul m[3]; u32 count, rend[3], upr, rpi, groups; };
+
+template <u32 DT, bool XA>
+__device__ __forceinline__ void gemv_stream(const Ctx& c, const MvStream& g) {
+    constexpr u32 EPC = DT == DT_F32 ? 4 : 8;
+    __shared__ float red[8];
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 unit = warp % g.upr, rl = warp / g.upr;
+    const float* x = at<float>(c, g.m[0].x);
+    const u32 rows = g.rend[g.count - 1];
+    uint4 ra[MVS_U], rb[MVS_U];
+    // Where group `grp` puts this warp: matrix, row, and whether it has one.
+    auto locate = [&](u32 grp, u32& mi, u32& row) -> bool {
+        const u32 vr = grp * g.rpi + rl;
+        mi = 0;
+        while (mi + 1 < g.count && vr >= g.rend[mi]) mi++;
+        row = vr - (mi ? g.rend[mi - 1] : 0u);
+        return rl < g.rpi && vr < rows;
+    };
+    auto load = [&](uint4 (&r)[MVS_U], u32 mi, u32 row) {
+        const Matmul& mm = g.m[mi];
+        const u64 rb16 = row_bytes(DT, mm.k) / 16;
+        const uint4* w = (const uint4*)(c.base + mm.w) + (u64)row * rb16;
+#pragma unroll
+        for (int u = 0; u < MVS_U; u++) {
+            const u32 ch = (unit * MVS_U + u) * 32 + lane;
+            if (ch < rb16) r[u] = __ldg(w + ch);
+        }
+    };
+    u32 grp = blockIdx.x, mi, row;
+    bool ok = locate(grp, mi, row);
+    if (ok) load(ra, mi, row);
+    // One group: reduce `cur` while `nxt` (the next group's loads) is in flight.
+    auto step = [&](uint4 (&cur)[MVS_U], uint4 (&nxt)[MVS_U]) -> bool {
+        const u32 ngrp = grp + gridDim.x;
+        const bool more = ngrp < g.groups;
+        u32 mi2 = 0, row2 = 0;
+        const bool ok2 = more && locate(ngrp, mi2, row2);
+        if (ok2) load(nxt, mi2, row2);
+        float acc = 0.0f;
+        if (ok) {
+            const u32 rb16 = (u32)(row_bytes(DT, g.m[mi].k) / 16);
+#pragma unroll
+            for (int u = 0; u < MVS_U; u++) {
+                const u32 ch = (unit * MVS_U + u) * 32 + lane;
+                if (ch < rb16) acc += dense_chunk<DT, 16, XA>(cur[u], x + (u64)ch * EPC);
+            }
+        }
+        acc = warp_sum(acc);
+        if (g.upr > 1) {
+            if (lane == 0) red[warp] = acc;
+            __syncthreads();
+            if (unit == 0) {
+                acc = 0.0f;
+                for (u32 w = 0; w < g.upr; w++) acc += red[warp + w];
+            }
+            __syncthreads();
+        }
+        if (ok && unit == 0 && lane == 0) store_out(c, g.m[mi], 0, row, acc);
+        grp = ngrp;
+        ok = ok2;
+        mi = mi2;
+        row = row2;
+        return more;
+    };
+    if (grp >= g.groups) return;
+    for (;;) {
+        if (!step(ra, rb)) break;
+        if (!step(rb, ra)) break;
+    }
+}
+
+#define MVS_KERNELS(NAME, DT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 2) mvs_##NAME(const Ctx c, const MvStream g) { \
+        PDL_ENTER();                                                                                 \
+        if (c.aux & 2) gemv_stream<DT, true>(c, g);                                                  \
+        else gemv_stream<DT, false>(c, g);                                                           \
+    }
+MVS_KERNELS(f32, DT_F32)
+MVS_KERNELS(f16, DT_F16)
+MVS_KERNELS(bf16, DT_BF16)
+
 // Quantized matvec. A block of 8 warps takes RB consecutive rows (aux bits 16-23; the launch
 // has ceil(m / RB) blocks) and first quantizes x to i16 per 32 elements into shared memory
 // (`XQ` in quant.cuh), in windows of QKW elements; the dot products are then integer (dp2a).
