@@ -312,12 +312,26 @@ fn matvec_split(dt: DType, k: u32, rows: u64, width: u32) -> u32 {
         return 0;
     }
     let vb = 2u32 << width; // bytes per load
-    let per_warp_min = 32 * 8 * vb / dt.block_bytes() as u32;
+    let (loads, warps) = split_knobs();
+    let per_warp_min = 32 * loads * vb / dt.block_bytes() as u32;
     let mut ls = 0;
-    while ls < 3 && rows << (ls + 1) <= 8192 && k >> (ls + 1) >= per_warp_min {
+    while ls < 3 && rows << (ls + 1) <= warps && k >> (ls + 1) >= per_warp_min {
         ls += 1;
     }
     ls
+}
+
+/// `matvec_split`'s limits: loads per lane a warp keeps at least (8), and the warps a
+/// launch grows to (8192); `SAMEPAGE_CUDA_MV_LOADS` / `SAMEPAGE_CUDA_MV_WARPS` (tuning).
+fn split_knobs() -> (u32, u64) {
+    static K: std::sync::OnceLock<(u32, u64)> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        let get = |n: &str, d: u64| std::env::var(n).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        (
+            get("SAMEPAGE_CUDA_MV_LOADS", 8).clamp(1, 64) as u32,
+            get("SAMEPAGE_CUDA_MV_WARPS", 8192),
+        )
+    })
 }
 
 /// Blocks of a single-token matvec launch of `m` rows at split `ls`.
@@ -496,23 +510,32 @@ pub(crate) struct MvStream {
     count: u32,
     rend: [u32; 3],
     upr: u32,
-    rpi: u32,
-    groups: u32,
+    pair: u32,
+    sw_out: u32,
 }
 // SAFETY: #[repr(C)] of 4-byte scalars, no padding.
 unsafe impl samepage_abi::Pod for MvStream {}
 
 /// The streaming dense matvec (`gemv_stream` in matmul.cu) for single-token matvecs `ms`
-/// of one dense dtype over one x (one matrix, or a record-time group): the descriptor and
-/// the blocks to launch; `None` where it does not apply (quantized, W rows not 16-byte
-/// aligned, rows longer than 8 rounds of loads). Only with `SAMEPAGE_CUDA_MVS=1`: on an
-/// H100 it measured slower than `gemv_dense` (bf16 Llama-1B tg128 690-694 vs 736 tok/s;
-/// gemv_bench 2048 x 8192 1.90 vs 2.23 TB/s): two resident blocks per SM keep less in
-/// flight than `gemv_dense`'s many short blocks. Kept as the base for a prologue (rmsnorm /
-/// swiglu into the matvec) that needs few blocks.
-fn stream_plan(base: u64, ms: &[abi::Matmul], sms: u32) -> Option<(MvStream, u64)> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_MVS").as_deref() == Ok("1")) {
+/// of one dense dtype over one x (one matrix, or a record-time group; with `swiglu_out`,
+/// gate/up rows paired and silu(g) * u written there): the descriptor and the blocks to
+/// launch. `None` where it does not apply: quantized, W rows not 16-byte aligned, rows of
+/// more than 8 rounds of loads, or fewer than 4 rounds per warp of the launch (qkv, wo:
+/// there `gemv_dense`'s many short blocks measured faster).
+///
+/// Off by default: on an H100 (bf16 Llama-1B, tg128, knobs.sh, two rounds) it measured
+/// 731/735 tok/s at 4 blocks per SM (`SAMEPAGE_CUDA_MVS_BPS`), 700/679 at 2, 664/658 at 3,
+/// against 736/730 for `gemv_dense` + a separate swiglu: no gain, so the default keeps
+/// the simpler path. `SAMEPAGE_CUDA_MVS=1`: where it applies (as above); `=all`: for every
+/// aligned dense matvec (the GPU tests run once this way).
+fn stream_plan(base: u64, ms: &[abi::Matmul], sms: u32, swiglu_out: Option<u32>) -> Option<(MvStream, u64)> {
+    static MODE: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    let mode = *MODE.get_or_init(|| match std::env::var("SAMEPAGE_CUDA_MVS").as_deref() {
+        Ok("1") => 1,
+        Ok("all") => 2,
+        _ => 0,
+    });
+    if mode == 0 {
         return None;
     }
     let dt = DType::from_u32(ms.first()?.dtype)?;
@@ -534,8 +557,8 @@ fn stream_plan(base: u64, ms: &[abi::Matmul], sms: u32) -> Option<(MvStream, u64
         count: ms.len() as u32,
         rend: [0; 3],
         upr: upr as u32,
-        rpi: (8 / upr) as u32,
-        groups: 0,
+        pair: swiglu_out.is_some() as u32,
+        sw_out: swiglu_out.unwrap_or(0),
     };
     let mut rows = 0u64;
     for (i, m) in ms.iter().enumerate() {
@@ -543,16 +566,37 @@ fn stream_plan(base: u64, ms: &[abi::Matmul], sms: u32) -> Option<(MvStream, u64
         rows += m.m as u64;
         g.rend[i] = u32::try_from(rows).ok()?;
     }
-    let groups = rows.div_ceil(g.rpi as u64);
-    // About two resident blocks per SM (128 registers a thread), groups spread evenly.
-    let iters = groups.div_ceil(2 * sms.max(1) as u64);
-    g.groups = u32::try_from(groups).ok()?;
-    Some((g, groups.div_ceil(iters)))
+    if g.pair != 0 && (ms.len() != 2 || ms[0].m != ms[1].m) {
+        return None;
+    }
+    // Blocks of 8 warps per SM: 4 (measured best of 2-4; two are resident at 128
+    // registers a thread); `SAMEPAGE_CUDA_MVS_BPS` (tuning).
+    static BPS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let bps = *BPS.get_or_init(|| {
+        std::env::var("SAMEPAGE_CUDA_MVS_BPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4u64)
+            .clamp(1, 16)
+    });
+    let wmax = 8 * bps * sms.max(1) as u64;
+    if mode == 1 && rows * upr < 4 * wmax {
+        return None;
+    }
+    // Warps: one per row (per gate/up pair), at most wmax.
+    let warps = if g.pair != 0 { rows / 2 } else { rows }.min(wmax);
+    Some((g, warps.div_ceil(8)))
 }
 
 /// Launch `ms` through `stream_plan`'s kernel if it applies; `Ok(false)` if not.
-fn launch_stream(k: &Kernels, stream: &CudaStream, mut c: KCtx, ms: &[abi::Matmul]) -> Result<bool, OpError> {
-    let Some((g, blocks)) = stream_plan(c.base, ms, k.sms) else {
+fn launch_stream(
+    k: &Kernels,
+    stream: &CudaStream,
+    mut c: KCtx,
+    ms: &[abi::Matmul],
+    swiglu_out: Option<u32>,
+) -> Result<bool, OpError> {
+    let Some((g, blocks)) = stream_plan(c.base, ms, k.sms, swiglu_out) else {
         return Ok(false);
     };
     c.aux = ((c.base + ms[0].x as u64).is_multiple_of(16) as u32) << 1;
@@ -560,12 +604,46 @@ fn launch_stream(k: &Kernels, stream: &CudaStream, mut c: KCtx, ms: &[abi::Matmu
     Ok(true)
 }
 
+/// Whether `ops` are gate, up (a `groupable` pair of equal height) and swiglu(gate.out,
+/// up.out) that the streaming kernel can run as one launch with the same results: each
+/// output element is written by the warp that computed its gate and up rows, so `out` may
+/// be either of them, or else must be apart from everything the matvecs read or write.
+pub(crate) fn swiglu_pairable(ops: &[Op]) -> bool {
+    let [Op::Matmul(g), Op::Matmul(u), Op::SwiGlu(s)] = *ops else {
+        return false;
+    };
+    if !groupable(&ops[..2]) || g.m != u.m || s.gate != g.out || s.up != u.out || s.len != g.m {
+        return false;
+    }
+    if s.out == g.out || s.out == u.out {
+        return true;
+    }
+    let o = (s.out as u64, s.out as u64 + s.len as u64 * 4);
+    [g, u].iter().all(|m| {
+        let (reads, w) = matvec_ranges(m);
+        !overlap(o, w) && reads.iter().all(|r| !overlap(o, *r))
+    })
+}
+
+/// Enqueue ops accepted by [`swiglu_pairable`]: one paired streaming launch where it
+/// applies, else the matvec group and the swiglu one after the other.
+pub(crate) fn launch_matvecs_swiglu(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
+    let [Op::Matmul(g), Op::Matmul(u), Op::SwiGlu(s)] = *ops else {
+        return Err(OpError::runtime("cuda: not a gate/up/swiglu group"));
+    };
+    if launch_stream(k, stream, c, &[g, u], Some(s.out))? {
+        return Ok(());
+    }
+    launch_matvec_group(k, stream, c, &ops[..2])?;
+    launch_op(k, stream, KCtx { op: c.op + 2, ..c }, &ops[2])
+}
+
 pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
     let ms: Vec<abi::Matmul> = ops
         .iter()
         .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
         .collect();
-    if ms.len() == ops.len() && launch_stream(k, stream, c, &ms)? {
+    if ms.len() == ops.len() && launch_stream(k, stream, c, &ms, None)? {
         return Ok(());
     }
     let mut g = MatvecGroup {
@@ -717,6 +795,10 @@ fn elementwise_grid(len: u32) -> u64 {
 
 /// Enqueue one op on `stream`. `c` carries the region base, status and scratch.
 pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) -> Result<(), OpError> {
+    // Only a 16-bit prefill GEMM (`prefill`) keeps the converted x; it re-checks itself.
+    if !matches!(*op, Op::Matmul(m) if m.n >= crate::prefill::GEMM_MIN_N && k.blas.is_some()) {
+        crate::prefill::forget_x();
+    }
     if !supports(op) {
         return Err(OpError::unsupported(format!(
             "cuda: {} with these shapes is not supported",
@@ -732,7 +814,7 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
         }
         Op::Matmul(m) => {
             if m.n == 1 {
-                if launch_stream(k, stream, c, &[m])? {
+                if launch_stream(k, stream, c, &[m], None)? {
                     return Ok(());
                 }
                 let (aux, blocks) = matvec_aux(c.base, &m, m.m as u64);

@@ -22,6 +22,9 @@ enum Step {
     Matvecs(usize, usize),
     /// rope(q), rope(k), kv_store of one token (`exec::rope_kv_fusable`) as one launch.
     RopeKv(usize),
+    /// gate, up, swiglu (`exec::swiglu_pairable`) as one launch where the streaming
+    /// matvec applies.
+    MatvecsSwiglu(usize),
 }
 
 /// Fuse what can be fused without changing results; `SAMEPAGE_CUDA_FUSE=0` turns it off.
@@ -35,6 +38,11 @@ fn plan(ops: &[Op]) -> Vec<Step> {
     while i < ops.len() {
         if rope_kv && i + 3 <= ops.len() && exec::rope_kv_fusable(&ops[i..i + 3]) {
             steps.push(Step::RopeKv(i));
+            i += 3;
+            continue;
+        }
+        if fuse && i + 3 <= ops.len() && exec::swiglu_pairable(&ops[i..i + 3]) {
+            steps.push(Step::MatvecsSwiglu(i));
             i += 3;
             continue;
         }
@@ -150,7 +158,7 @@ impl CudaOpGraph {
                 .iter()
                 .map(|&s| match s {
                     Step::One(i) => stage::reads(&ops[i]),
-                    Step::Matvecs(..) => Vec::new(),
+                    Step::Matvecs(..) | Step::MatvecsSwiglu(_) => Vec::new(),
                     // rope_kv's slots: q.positions, k.positions, kv_store.pos.
                     Step::RopeKv(i) => [&ops[i], &ops[i + 1], &ops[i + 2]]
                         .into_iter()
@@ -190,6 +198,7 @@ impl CudaOpGraph {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| cuda_err("beginning stream capture", e))?;
         let _pdl = exec::PdlScope::new(self.ops.iter().all(exec::single_token));
+        crate::prefill::forget_x();
         let mut res = self.launch_stage(base);
         for (j, &step) in self.steps.iter().enumerate() {
             if res.is_err() {
@@ -221,6 +230,7 @@ impl CudaOpGraph {
         let Some(st) = self.staged.as_ref() else {
             return Ok(());
         };
+        crate::prefill::forget_x();
         let c = KCtx {
             tok: st.buf,
             ..self.ctx(base, 0)
@@ -241,7 +251,11 @@ impl CudaOpGraph {
             Step::One(i) => (i, &self.ops[i..i + 1]),
             Step::Matvecs(i, len) => (i, &self.ops[i..i + len]),
             Step::RopeKv(i) => (i + 2, &self.ops[i..i + 3]),
+            Step::MatvecsSwiglu(i) => (i, &self.ops[i..i + 3]),
         };
+        if !matches!(step, Step::One(_)) {
+            crate::prefill::forget_x(); // (launch_op forgets it itself)
+        }
         let mut c = self.ctx(base, first);
         if let Some(st) = self.staged.as_ref() {
             c.tok = st.buf;
@@ -251,6 +265,7 @@ impl CudaOpGraph {
             Step::One(_) => exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0]),
             Step::Matvecs(..) => exec::launch_matvec_group(&inner.kernels, &inner.stream, c, ops),
             Step::RopeKv(_) => exec::launch_rope_kv(&inner.kernels, &inner.stream, c, ops),
+            Step::MatvecsSwiglu(_) => exec::launch_matvecs_swiglu(&inner.kernels, &inner.stream, c, ops),
         }
     }
 
@@ -295,6 +310,7 @@ impl CudaOpGraph {
                         _ => "matvecs".into(),
                     },
                     Step::RopeKv(_) => "rope+rope+kv_store".into(),
+                    Step::MatvecsSwiglu(_) => "gate+up+swiglu".into(),
                 };
                 total += ms;
                 match by.iter_mut().find(|b| b.0 == name) {
@@ -453,6 +469,41 @@ mod tests {
             pos: 0,
         };
         vec![rope(4096, 8), rope(8192, 2), Op::KvStore(s)]
+    }
+
+    fn gate_up_swiglu(out: u32) -> Vec<Op> {
+        let mm = |w, o| {
+            Op::Matmul(abi::Matmul {
+                w,
+                dtype: samepage_abi::DType::BF16 as u32,
+                m: 64,
+                k: 32,
+                x: 1 << 20,
+                n: 1,
+                out: o,
+                ..Default::default()
+            })
+        };
+        let s = abi::SwiGlu {
+            gate: 1 << 21,
+            up: 1 << 22,
+            out,
+            len: 64,
+        };
+        vec![mm(0, 1 << 21), mm(1 << 16, 1 << 22), Op::SwiGlu(s)]
+    }
+
+    /// gate, up, swiglu fuse when swiglu writes in place or apart from what the matvecs
+    /// read; not when its output lands on x.
+    #[test]
+    fn plan_pairs_gate_up_swiglu_only_when_safe() {
+        for out in [1 << 21, 1 << 22, 1 << 23] {
+            assert!(matches!(plan(&gate_up_swiglu(out))[..], [Step::MatvecsSwiglu(0)]));
+        }
+        assert!(matches!(
+            plan(&gate_up_swiglu(1 << 20))[..],
+            [Step::Matvecs(0, 2), Step::One(2)]
+        ));
     }
 
     /// The guest's rope(q), rope(k), kv_store(k, v) fuse; with v inside q they don't.

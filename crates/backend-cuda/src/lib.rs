@@ -277,6 +277,7 @@ impl Backend for CudaBackend {
         imm.status.reset();
         inner.flush_prefetch();
         let base = inner.device_base(&mem);
+        prefill::forget_x();
         for (i, op) in ops.iter().enumerate() {
             let c = exec::KCtx::new(
                 base,

@@ -77,6 +77,24 @@ pub(crate) fn gemm_mode() -> Result<GemmMode, String> {
     .clone()
 }
 
+/// `(region base, scratch, x, k, n, bf16)` of a converted x.
+type XKey = (u64, u64, u32, u32, u32, bool);
+
+thread_local! {
+    /// The x last converted to 16 bits in scratch while enqueueing: `(region base, scratch,
+    /// x, k, n, bf16)`. q/k/v (and gate/up) of a prefill read one x: the first converts it,
+    /// the others reuse the copy. Every other kind of launch forgets it ([`forget_x`]), so
+    /// only back-to-back 16-bit GEMMs share a conversion; a GEMM never writes its own x
+    /// (validated), and one that converts another x replaces the entry.
+    static X_CACHE: std::cell::Cell<Option<XKey>> = const { std::cell::Cell::new(None) };
+}
+
+/// Forget the converted x (see `X_CACHE`): at the start of a recording or an immediate
+/// batch, and before any launch other than a 16-bit prefill GEMM.
+pub(crate) fn forget_x() {
+    X_CACHE.with(|c| c.set(None));
+}
+
 /// The alignment (bytes) at which 16-bit W is handed to cuBLAS in place.
 fn w_align() -> usize {
     static A: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -327,6 +345,7 @@ impl Blas {
         let op_n = bsys::cublasOperation_t::CUBLAS_OP_N;
         match Plan::new(m) {
             None => {
+                forget_x();
                 // F32: Sgemm on x and W in place.
                 // SAFETY: W (m x k), x (n x k) and out (n x m) are validated f32 tensors
                 // of the region; the scalars are host values read during the call.
@@ -363,6 +382,11 @@ impl Blas {
                 let ldi = i32_of(p.ld, "k")?;
                 let (n, rows) = (m.n as usize, m.m as usize);
                 let fx = if bf { &k.gemm_x_bf16 } else { &k.gemm_x_f16 };
+                // x in one chunk: converted once for GEMMs back to back on the same x.
+                let key = (c.base, xs, m.x, m.k, m.n, bf);
+                let one_chunk = p.nc >= n;
+                let cached = one_chunk && X_CACHE.with(|c| c.get()) == Some(key);
+                X_CACHE.with(|c| c.set(one_chunk.then_some(key)));
                 for n0 in (0..n).step_by(p.nc) {
                     let nr = p.nc.min(n - n0);
                     let g = GemmX {
@@ -373,7 +397,9 @@ impl Blas {
                         rows: nr as u32,
                     };
                     let cx = KCtx { scratch: xs, ..c };
-                    launch(stream, fx, cx, g, (nr * p.ld / 8) as u64, 256, 0, "gemm_x")?;
+                    if !cached {
+                        launch(stream, fx, cx, g, (nr * p.ld / 8) as u64, 256, 0, "gemm_x")?;
+                    }
                     for r0 in (0..rows).step_by(p.mc) {
                         let mr = p.mc.min(rows - r0);
                         let (a, lda) = if p.copy_w {

@@ -127,80 +127,91 @@ __device__ void gemv_dense(const Ctx& c, const Matmul& mm, bool, u32 bx) {
 }
 
 // Streaming dense matvec (n == 1; W rows 16-byte aligned; f32/f16/bf16), for up to 3
-// matrices over the same x (a record-time group: q/k/v, gate/up) or one. A unit is one
-// round of MVS_U 16-byte loads per lane of one row (32 * MVS_U * 16 bytes); a row of
-// `upr` units (<= 8) goes to `upr` warps of one block, which handles `rpi` = 8 / upr rows
-// per group. Blocks stride over the groups (about two resident blocks per SM), and each
-// warp issues its next group's loads before it reduces the current one, so every warp
-// keeps two rounds in flight and the launch streams W instead of running one round per
-// warp in waves. Row sums over the units meet in shared memory in a fixed order.
+// matrices over the same x (a record-time group: q/k/v, gate/up) or one, for launches
+// with many rows per warp (exec.rs `stream_plan`). A unit is one round of MVS_U 16-byte
+// loads per lane of one row (32 * MVS_U * 16 bytes); a warp takes whole rows (rows gw,
+// gw + W, ... of the virtual rows of the group, W = all warps of the launch) unit after
+// unit, and issues the loads of its next unit before it reduces the current one, so every
+// warp keeps two rounds in flight for its whole life instead of one round per warp in
+// waves. No barriers: a row is one warp's. With `pair` (gate/up + swiglu fused at record
+// time: two matrices of m rows), virtual row v is row v / 2 of matrix v % 2 and a warp
+// takes rows in pairs, so it computes gate row j, then up row j, and writes silu(g) * u
+// to `sw_out[j]` after both.
 #define MVS_U 8
-struct MvStream { Matmul m[3]; u32 count, rend[3], upr, rpi, groups; };
+struct MvStream { Matmul m[3]; u32 count, rend[3], upr, pair, sw_out; };
 
 template <u32 DT, bool XA>
 __device__ __forceinline__ void gemv_stream(const Ctx& c, const MvStream& g) {
     constexpr u32 EPC = DT == DT_F32 ? 4 : 8;
-    __shared__ float red[8];
-    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 unit = warp % g.upr, rl = warp / g.upr;
+    const u32 lane = threadIdx.x & 31;
+    const u32 W = gridDim.x * (blockDim.x >> 5), gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const float* x = at<float>(c, g.m[0].x);
-    const u32 rows = g.rend[g.count - 1];
+    const u32 rows = g.rend[g.count - 1], upr = g.upr;
+    const u32 rb16 = (u32)(row_bytes(DT, g.m[0].k) / 16);
     uint4 ra[MVS_U], rb[MVS_U];
-    // Where group `grp` puts this warp: matrix, row, and whether it has one.
-    auto locate = [&](u32 grp, u32& mi, u32& row) -> bool {
-        const u32 vr = grp * g.rpi + rl;
+    // Matrix and row of virtual row v.
+    auto locate = [&](u32 v, u32& mi, u32& row) {
+        if (g.pair) {
+            mi = v & 1;
+            row = v >> 1;
+            return;
+        }
         mi = 0;
-        while (mi + 1 < g.count && vr >= g.rend[mi]) mi++;
-        row = vr - (mi ? g.rend[mi - 1] : 0u);
-        return rl < g.rpi && vr < rows;
+        while (mi + 1 < g.count && v >= g.rend[mi]) mi++;
+        row = v - (mi ? g.rend[mi - 1] : 0u);
     };
-    auto load = [&](uint4 (&r)[MVS_U], u32 mi, u32 row) {
-        const Matmul& mm = g.m[mi];
-        const u64 rb16 = row_bytes(DT, mm.k) / 16;
-        const uint4* w = (const uint4*)(c.base + mm.w) + (u64)row * rb16;
+    auto load = [&](uint4 (&r)[MVS_U], u32 v, u32 u) {
+        u32 mi, row;
+        locate(v, mi, row);
+        const uint4* w = (const uint4*)(c.base + g.m[mi].w) + (u64)row * rb16;
 #pragma unroll
-        for (int u = 0; u < MVS_U; u++) {
-            const u32 ch = (unit * MVS_U + u) * 32 + lane;
-            if (ch < rb16) r[u] = __ldg(w + ch);
+        for (int j = 0; j < MVS_U; j++) {
+            const u32 ch = (u * MVS_U + j) * 32 + lane;
+            if (ch < rb16) r[j] = __ldg(w + ch);
         }
     };
-    u32 grp = blockIdx.x, mi, row;
-    bool ok = locate(grp, mi, row);
-    if (ok) load(ra, mi, row);
-    // One group: reduce `cur` while `nxt` (the next group's loads) is in flight.
+    // The warp's k-th row: rows gw, gw + W, ...; paired: rows 2p, 2p + 1 for p = gw, gw + W, ...
+    auto vrow = [&](u32 k) -> u32 { return g.pair ? 2 * (gw + (k >> 1) * W) + (k & 1) : gw + k * W; };
+    u32 k = 0, v = vrow(0), u = 0;
+    if (v >= rows) return;
+    load(ra, v, u);
+    float acc = 0.0f, gate = 0.0f;
+    // One unit: the next one's loads go out first, then `cur` is reduced.
     auto step = [&](uint4 (&cur)[MVS_U], uint4 (&nxt)[MVS_U]) -> bool {
-        const u32 ngrp = grp + gridDim.x;
-        const bool more = ngrp < g.groups;
-        u32 mi2 = 0, row2 = 0;
-        const bool ok2 = more && locate(ngrp, mi2, row2);
-        if (ok2) load(nxt, mi2, row2);
-        float acc = 0.0f;
-        if (ok) {
-            const u32 rb16 = (u32)(row_bytes(DT, g.m[mi].k) / 16);
+        u32 k2 = k, u2 = u + 1;
+        if (u2 == upr) {
+            u2 = 0;
+            k2++;
+        }
+        const u32 v2 = vrow(k2);
+        const bool more = v2 < rows;
+        if (more) load(nxt, v2, u2);
 #pragma unroll
-            for (int u = 0; u < MVS_U; u++) {
-                const u32 ch = (unit * MVS_U + u) * 32 + lane;
-                if (ch < rb16) acc += dense_chunk<DT, 16, XA>(cur[u], x + (u64)ch * EPC);
+        for (int j = 0; j < MVS_U; j++) {
+            const u32 ch = (u * MVS_U + j) * 32 + lane;
+            if (ch < rb16) acc += dense_chunk<DT, 16, XA>(cur[j], x + (u64)ch * EPC);
+        }
+        if (u + 1 == upr) {
+            const float t = warp_sum(acc);
+            acc = 0.0f;
+            u32 mi, row;
+            locate(v, mi, row);
+            if (lane == 0) {
+                store_out(c, g.m[mi], 0, row, t);
+                if (g.pair) {
+                    // store_out's final value (bias / accumulate included) is what the
+                    // swiglu op would read back.
+                    const float* o = at<float>(c, g.m[mi].out) + row;
+                    if (mi == 0) gate = *o;
+                    else at<float>(c, g.sw_out)[row] = gate / (1.0f + expf(-gate)) * *o;
+                }
             }
         }
-        acc = warp_sum(acc);
-        if (g.upr > 1) {
-            if (lane == 0) red[warp] = acc;
-            __syncthreads();
-            if (unit == 0) {
-                acc = 0.0f;
-                for (u32 w = 0; w < g.upr; w++) acc += red[warp + w];
-            }
-            __syncthreads();
-        }
-        if (ok && unit == 0 && lane == 0) store_out(c, g.m[mi], 0, row, acc);
-        grp = ngrp;
-        ok = ok2;
-        mi = mi2;
-        row = row2;
+        k = k2;
+        v = v2;
+        u = u2;
         return more;
     };
-    if (grp >= g.groups) return;
     for (;;) {
         if (!step(ra, rb)) break;
         if (!step(rb, ra)) break;

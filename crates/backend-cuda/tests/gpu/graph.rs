@@ -31,6 +31,15 @@ fn replay(qkv: [DType; 3]) {
     let wv = img.put(&weights(qkv[2], kvh * hd, dim, &mut rng));
     let wo = img.put(&weights(DType::F16, dim, heads * hd, &mut rng));
     let wout = img.put(&weights(DType::Q8_0, vocab, dim, &mut rng));
+    // A bf16 feed-forward wide enough (2 x 4608 rows) for the streaming matvec, which
+    // fuses gate, up and swiglu into one launch; down accumulates into x.
+    let ffn = 4608usize;
+    let (wg, wu, wd) = (
+        img.put(&weights(DType::BF16, ffn, dim, &mut rng)),
+        img.put(&weights(DType::BF16, ffn, dim, &mut rng)),
+        img.put(&weights(DType::BF16, dim, ffn, &mut rng)),
+    );
+    let (go, uo) = (img.out(4 * ffn), img.out(4 * ffn));
     let norm = img.f32s(&vec![1.0; dim]);
     let kc = img.out(4 * kvh * ctx * hd);
     let vc = img.out(4 * kvh * ctx * hd);
@@ -167,6 +176,31 @@ fn replay(qkv: [DType; 3]) {
             l,
         ),
         mm(wo, DType::F16, dim, heads * hd, ao, xo, abi::MATMUL_ACCUMULATE),
+        op(
+            code::RMSNORM,
+            &abi::RmsNorm {
+                x: xo,
+                weight: norm,
+                out: ho,
+                n: 1,
+                dim: dim as u32,
+                eps: 1e-5,
+            },
+            l,
+        ),
+        mm(wg, DType::BF16, ffn, dim, ho, go, 0),
+        mm(wu, DType::BF16, ffn, dim, ho, uo, 0),
+        op(
+            code::SWIGLU,
+            &abi::SwiGlu {
+                gate: go,
+                up: uo,
+                out: go,
+                len: ffn as u32,
+            },
+            l,
+        ),
+        mm(wd, DType::BF16, dim, ffn, go, xo, abi::MATMUL_ACCUMULATE),
         op(
             code::RMSNORM,
             &abi::RmsNorm {
