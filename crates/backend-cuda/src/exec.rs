@@ -484,6 +484,107 @@ pub(crate) fn rope_kv_fusable(ops: &[Op]) -> bool {
     true
 }
 
+/// `struct RopeKvAttn` of `cu/attention.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeKvAttn {
+    q: abi::Rope,
+    k: abi::Rope,
+    s: abi::KvStore,
+    a: abi::Attention,
+}
+// SAFETY: #[repr(C)] of 4-byte scalars, no padding.
+unsafe impl samepage_abi::Pod for RopeKvAttn {}
+
+/// Most positions and GQA group size the fused decode attention (`rope_kv_attn`) takes.
+const RKA_CTX: u32 = 1024;
+const RKA_G: u32 = 4;
+
+/// Whether `ops` are rope(q), rope(k), kv_store, attention of one token that one
+/// `rope_kv_attn` launch (a block per KV head) runs with the same results: the first
+/// three as for [`rope_kv_fusable`], both ropes with the same parameters and positions,
+/// attention over the cache kv_store writes at the same `pos` with the rotated q, a
+/// context of at most 1024 positions, head_dim a multiple of 4 and at most 128, groups of
+/// at most 4 heads, and its output apart from everything else the four ops touch.
+pub(crate) fn rope_kv_attn_fusable(ops: &[Op]) -> bool {
+    let [Op::Rope(q), Op::Rope(k), Op::KvStore(s), Op::Attention(a)] = *ops else {
+        return false;
+    };
+    if !rope_kv_fusable(&ops[..3]) {
+        return false;
+    }
+    let same_rope = q.head_dim == k.head_dim
+        && q.n_rot == k.n_rot
+        && q.mode == k.mode
+        && q.positions == k.positions
+        && q.freq_base.to_bits() == k.freq_base.to_bits()
+        && q.scaling_factor.to_bits() == k.scaling_factor.to_bits()
+        && q.low_freq_factor.to_bits() == k.low_freq_factor.to_bits()
+        && q.high_freq_factor.to_bits() == k.high_freq_factor.to_bits()
+        && q.original_context == k.original_context;
+    let hd = a.head_dim;
+    if !same_rope
+        || a.n != 1
+        || a.q != q.x
+        || a.n_heads != q.n_heads
+        || a.n_kv_heads != s.n_kv_heads
+        || hd != q.head_dim
+        || hd != s.head_dim
+        || !hd.is_multiple_of(4)
+        || hd > 128
+        || a.n_heads / a.n_kv_heads > RKA_G
+        || a.k_cache != s.k_cache
+        || a.v_cache != s.v_cache
+        || a.cache_dtype != s.cache_dtype
+        || a.ctx != s.ctx
+        || a.ctx > RKA_CTX
+        || a.pos != s.pos
+    {
+        return false;
+    }
+    let span = |x: u32, len: u64| (x as u64, x as u64 + len);
+    let eb = if s.cache_dtype == DType::F16 as u32 { 2 } else { 4 };
+    let cb = s.n_kv_heads as u64 * s.ctx as u64 * hd as u64 * eb;
+    let out = span(a.out, a.n_heads as u64 * hd as u64 * 4);
+    let others = [
+        span(q.x, q.n_heads as u64 * hd as u64 * 4),
+        span(k.x, k.n_heads as u64 * hd as u64 * 4),
+        span(s.v, k.n_heads as u64 * hd as u64 * 4),
+        span(s.k_cache, cb),
+        span(s.v_cache, cb),
+        span(q.positions, 4),
+        span(s.pos, 4),
+    ];
+    others.iter().all(|r| !overlap(out, *r))
+}
+
+/// Enqueue ops accepted by [`rope_kv_attn_fusable`]: one launch where the caches are
+/// aligned for the kernel's vector loads, else rope_kv and attention (`c.op`: the
+/// kv_store's; `c.tmap` slots: q.positions, k.positions, kv_store.pos, attention.pos).
+pub(crate) fn launch_rope_kv_attn(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
+    let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s), Op::Attention(a)] = *ops else {
+        return Err(OpError::runtime("cuda: not a rope/rope/kv_store/attention group"));
+    };
+    if let Some(f16) = attention_dec_fits(c.base, &a) {
+        let f = RopeKvAttn { q, k: kr, s, a };
+        return go(
+            stream,
+            &k.rope_kv_attn[f16 as usize],
+            c,
+            f,
+            cfg(a.n_kv_heads as u64, 256)?,
+            "rope_kv_attn",
+        );
+    }
+    launch_rope_kv(k, stream, c, &ops[..3])?;
+    let ca = KCtx {
+        op: c.op + 1,
+        tmap: c.tmap >> 24 | 0xffff_ff00,
+        ..c
+    };
+    launch_op(k, stream, ca, &ops[3])
+}
+
 /// Enqueue ops accepted by [`rope_kv_fusable`] as one launch (`c.op`: the kv_store's).
 pub(crate) fn launch_rope_kv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
     let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s)] = *ops else {
@@ -501,7 +602,6 @@ pub(crate) fn launch_rope_kv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[O
     )
 }
 
-/// Enqueue a group accepted by [`groupable`] as one launch.
 /// `struct MvStream` of `cu/matmul.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -638,6 +738,7 @@ pub(crate) fn launch_matvecs_swiglu(k: &Kernels, stream: &CudaStream, c: KCtx, o
     launch_op(k, stream, KCtx { op: c.op + 2, ..c }, &ops[2])
 }
 
+/// Enqueue a group accepted by [`groupable`] as one launch.
 pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
     let ms: Vec<abi::Matmul> = ops
         .iter()

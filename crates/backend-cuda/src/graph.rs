@@ -22,6 +22,8 @@ enum Step {
     Matvecs(usize, usize),
     /// rope(q), rope(k), kv_store of one token (`exec::rope_kv_fusable`) as one launch.
     RopeKv(usize),
+    /// rope(q), rope(k), kv_store, attention of one token (`exec::rope_kv_attn_fusable`).
+    RopeKvAttn(usize),
     /// gate, up, swiglu (`exec::swiglu_pairable`) as one launch where the streaming
     /// matvec applies.
     MatvecsSwiglu(usize),
@@ -33,9 +35,16 @@ fn plan(ops: &[Op]) -> Vec<Step> {
     let fuse = std::env::var("SAMEPAGE_CUDA_FUSE").as_deref() != Ok("0");
     // `SAMEPAGE_CUDA_FUSE_ROPE_KV=0`: only this fusion off (A/B in one binary).
     let rope_kv = fuse && std::env::var("SAMEPAGE_CUDA_FUSE_ROPE_KV").as_deref() != Ok("0");
+    // `SAMEPAGE_CUDA_FUSE_ATTN=0`: rope/kv_store not fused with the attention after them.
+    let rope_kv_attn = rope_kv && std::env::var("SAMEPAGE_CUDA_FUSE_ATTN").as_deref() != Ok("0");
     let mut steps = Vec::with_capacity(ops.len());
     let mut i = 0;
     while i < ops.len() {
+        if rope_kv_attn && i + 4 <= ops.len() && exec::rope_kv_attn_fusable(&ops[i..i + 4]) {
+            steps.push(Step::RopeKvAttn(i));
+            i += 4;
+            continue;
+        }
         if rope_kv && i + 3 <= ops.len() && exec::rope_kv_fusable(&ops[i..i + 3]) {
             steps.push(Step::RopeKv(i));
             i += 3;
@@ -164,6 +173,8 @@ impl CudaOpGraph {
                         .into_iter()
                         .flat_map(stage::reads)
                         .collect(),
+                    // Slots: q.positions, k.positions, kv_store.pos, attention.pos.
+                    Step::RopeKvAttn(i) => ops[i..i + 4].iter().flat_map(stage::reads).collect(),
                 })
                 .collect();
             let (list, tmaps) = stage::plan(&ops, &reads);
@@ -251,6 +262,7 @@ impl CudaOpGraph {
             Step::One(i) => (i, &self.ops[i..i + 1]),
             Step::Matvecs(i, len) => (i, &self.ops[i..i + len]),
             Step::RopeKv(i) => (i + 2, &self.ops[i..i + 3]),
+            Step::RopeKvAttn(i) => (i + 2, &self.ops[i..i + 4]),
             Step::MatvecsSwiglu(i) => (i, &self.ops[i..i + 3]),
         };
         if !matches!(step, Step::One(_)) {
@@ -265,6 +277,7 @@ impl CudaOpGraph {
             Step::One(_) => exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0]),
             Step::Matvecs(..) => exec::launch_matvec_group(&inner.kernels, &inner.stream, c, ops),
             Step::RopeKv(_) => exec::launch_rope_kv(&inner.kernels, &inner.stream, c, ops),
+            Step::RopeKvAttn(_) => exec::launch_rope_kv_attn(&inner.kernels, &inner.stream, c, ops),
             Step::MatvecsSwiglu(_) => exec::launch_matvecs_swiglu(&inner.kernels, &inner.stream, c, ops),
         }
     }
@@ -310,6 +323,7 @@ impl CudaOpGraph {
                         _ => "matvecs".into(),
                     },
                     Step::RopeKv(_) => "rope+rope+kv_store".into(),
+                    Step::RopeKvAttn(_) => "rope+rope+kv_store+attention".into(),
                     Step::MatvecsSwiglu(_) => "gate+up+swiglu".into(),
                 };
                 total += ms;

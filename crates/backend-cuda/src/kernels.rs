@@ -59,6 +59,8 @@ pub struct Kernels {
     pub kv_store: CudaFunction,
     /// rope(q) + rope(k) + kv_store of one token (record-time fusion).
     pub rope_kv: CudaFunction,
+    /// rope(q) + rope(k) + kv_store + attention of one token, by cache dtype `[f32, f16]`.
+    pub rope_kv_attn: [CudaFunction; 2],
     /// Copies a decode step's per-token words to the device (`stage`).
     pub stage_tok: CudaFunction,
     pub attention: CudaFunction,
@@ -125,6 +127,7 @@ impl Kernels {
             kv_store: f("kv_store")?,
             rope_kv: f("rope_kv")?,
             stage_tok: f("stage_tok")?,
+            rope_kv_attn: [f("rope_kv_attn_f32")?, f("rope_kv_attn_f16")?],
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
             attention_dec: [f("attention_dec_f32")?, f("attention_dec_f16")?],

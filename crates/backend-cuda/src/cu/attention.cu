@@ -300,3 +300,140 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
     PDL_ENTER();
     attention_dec_body<true>(c, a);
 }
+
+// rope(q), rope(k), kv_store, attention of one token as one launch (record-time fusion,
+// exec.rs `rope_kv_attn_fusable`): a block per KV head, for contexts of at most RKA_CTX
+// positions and GQA groups of at most RKA_G heads. The block computes the token's angles
+// once (f64, as `rope`), rotates its k head and its group's q heads in place (the rope
+// ops' outputs) keeping q * scale in shared memory, stores k and v into the cache (the
+// kv_store op's output), then attends over positions 0..=pos: a thread per position for
+// the scores of all the group's heads (one K row read serves them all), a warp per head
+// for the softmax, and threads over (position group, 4 dims) for p * V. Every step reads
+// what this block itself wrote, after a barrier. The same arithmetic as the four ops.
+#define RKA_T 256
+#define RKA_CTX 1024
+#define RKA_G 4
+struct RopeKvAttn { Rope q, k; KvStore s; Attention a; };
+
+template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f) {
+    __shared__ float cs[64], sn[64];
+    __shared__ __align__(16) float qs[RKA_G][128];
+    __shared__ float sc[RKA_G][RKA_CTX];
+    __shared__ __align__(16) float4 red[RKA_T][RKA_G];
+    __shared__ float sl[RKA_G];
+    const Attention& a = f.a;
+    const KvStore& s = f.s;
+    const u32 t = threadIdx.x, h = blockIdx.x;
+    const u32 hd = a.head_dim, G = a.n_heads / a.n_kv_heads, half = f.q.n_rot / 2, rest = hd - 2 * half;
+    const u32 p = tok_word(c, 0, f.q.positions);
+    const u32 pos = tok_word(c, 2, s.pos);
+    for (u32 j = t; j < half; j += RKA_T) {
+        double sv, cv;
+        sincos((double)p * rope_freq(f.q, j), &sv, &cv);
+        cs[j] = (float)cv;
+        sn[j] = (float)sv;
+    }
+    __syncthreads();
+    float* qx = at<float>(c, f.q.x) + (u64)h * G * hd;
+    float* kx = at<float>(c, f.k.x) + (u64)h * hd;
+    for (u32 i = t; i < (G + 1) * half; i += RKA_T) {
+        const u32 hh = i / half, j = i % half;
+        float* v = hh == G ? kx : qx + (u64)hh * hd;
+        const u32 ia = f.q.mode == 0 ? 2 * j : j, ib = f.q.mode == 0 ? 2 * j + 1 : j + half;
+        const float x0 = v[ia], x1 = v[ib];
+        const float y0 = x0 * cs[j] - x1 * sn[j], y1 = x0 * sn[j] + x1 * cs[j];
+        v[ia] = y0;
+        v[ib] = y1;
+        if (hh < G) {
+            qs[hh][ia] = y0 * a.scale;
+            qs[hh][ib] = y1 * a.scale;
+        }
+    }
+    for (u32 i = t; i < G * rest; i += RKA_T) {
+        const u32 hh = i / rest, d = 2 * half + i % rest;
+        qs[hh][d] = qx[(u64)hh * hd + d] * a.scale;
+    }
+    __syncthreads();
+    if ((u64)pos + 1 > s.ctx) {
+        if (t == 0) report(c, ERR_KV_POS, pos, 1);
+        return;
+    }
+    store_kv_head(c, s, (u64)h * hd, ((u64)h * s.ctx + pos) * hd);
+    __syncthreads();
+    const u32 len = pos + 1, nd4 = hd / 4;
+    const u64 cbase = (u64)h * a.ctx * hd;
+    for (u32 tp = t; tp < len; tp += RKA_T) {
+        float d[RKA_G];
+#pragma unroll
+        for (u32 g = 0; g < RKA_G; g++) d[g] = 0.0f;
+        const u64 row = cbase + (u64)tp * hd;
+#pragma unroll 8
+        for (u32 j = 0; j < nd4; j++) {
+            const float4 k4 = ld_cache4<F16>(c, a.k_cache, row + 4 * j);
+#pragma unroll
+            for (u32 g = 0; g < RKA_G; g++) {
+                if (g < G) {
+                    const float4 q4 = ((const float4*)qs[g])[j];
+                    d[g] += k4.x * q4.x + k4.y * q4.y + k4.z * q4.z + k4.w * q4.w;
+                }
+            }
+        }
+#pragma unroll
+        for (u32 g = 0; g < RKA_G; g++)
+            if (g < G) sc[g][tp] = d[g];
+    }
+    __syncthreads();
+    const u32 warp = t >> 5, lane = t & 31;
+    if (warp < G) {
+        float m = -INFINITY;
+        for (u32 i = lane; i < len; i += 32) m = fmaxf(m, sc[warp][i]);
+        m = warp_max(m);
+        float l = 0.0f;
+        for (u32 i = lane; i < len; i += 32) {
+            const float e = expf(sc[warp][i] - m);
+            sc[warp][i] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0) sl[warp] = l;
+    }
+    __syncthreads();
+    const u32 PG = RKA_T / nd4, pg = t / nd4, d4 = t % nd4;
+    float4 acc[RKA_G];
+#pragma unroll
+    for (u32 g = 0; g < RKA_G; g++) acc[g] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (pg < PG) {
+#pragma unroll 4
+        for (u32 tp = pg; tp < len; tp += PG) {
+            const float4 v4 = ld_cache4<F16>(c, a.v_cache, cbase + (u64)tp * hd + 4 * d4);
+#pragma unroll
+            for (u32 g = 0; g < RKA_G; g++) {
+                const float pw = g < G ? sc[g][tp] : 0.0f;
+                acc[g].x += pw * v4.x; acc[g].y += pw * v4.y; acc[g].z += pw * v4.z; acc[g].w += pw * v4.w;
+            }
+        }
+    }
+#pragma unroll
+    for (u32 g = 0; g < RKA_G; g++) red[t][g] = acc[g];
+    __syncthreads();
+    if (t < G * nd4) {
+        const u32 g = t / nd4, e4 = t % nd4;
+        float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (u32 q = 0; q < PG; q++) {
+            const float4 v = red[q * nd4 + e4][g];
+            o.x += v.x; o.y += v.y; o.z += v.z; o.w += v.w;
+        }
+        const float inv = 1.0f / sl[g];
+        float* out = at<float>(c, a.out) + (u64)(h * G + g) * hd + 4 * e4;
+        out[0] = o.x * inv; out[1] = o.y * inv; out[2] = o.z * inv; out[3] = o.w * inv;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(RKA_T) rope_kv_attn_f32(const Ctx c, const RopeKvAttn f) {
+    PDL_ENTER();
+    rope_kv_attn_body<false>(c, f);
+}
+extern "C" __global__ void __launch_bounds__(RKA_T) rope_kv_attn_f16(const Ctx c, const RopeKvAttn f) {
+    PDL_ENTER();
+    rope_kv_attn_body<true>(c, f);
+}
