@@ -44,6 +44,25 @@ __device__ void att_combine(const float* part, u32 sa, u32 hd, float* out) {
     }
 }
 
+// After a split of one (query, head) wrote its partial (every thread of the block calls
+// this): the last of the `sa` splits to get here merges them, then re-arms its counter
+// `c.counters[idx]` (zero again for the next launch).
+__device__ void att_merge_last(const Ctx& c, u64 idx, u32 sa, const float* part0, u32 hd, float* out) {
+    __shared__ u32 last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* cnt = c.counters + idx;
+        u32 old = atomicAdd(cnt, 1u);
+        last = old == sa - 1;
+        if (last) *cnt = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    att_combine(part0, sa, hd, out);
+}
+
 extern "C" __global__ void __launch_bounds__(128) attention(const Ctx c, const Attention a) {
     PDL_ENTER();
     const u32 S = c.aux & 0xffff;
@@ -114,7 +133,6 @@ extern "C" __global__ void __launch_bounds__(128) attention(const Ctx c, const A
     // Merge the warps.
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_R];
-    __shared__ u32 last;
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
 #pragma unroll
     for (int r = 0; r < ATT_R; r++) sacc[warp][lane + 32 * r] = acc[r];
@@ -141,19 +159,7 @@ extern "C" __global__ void __launch_bounds__(128) attention(const Ctx c, const A
     }
     if (threadIdx.x == 0) { part[0] = M; part[1] = L; }
     if (!fused) return;
-    // The last of the sa splits to get here merges them (and re-arms the counter).
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        u32* cnt = c.counters + (u64)i * a.n_heads + h;
-        u32 old = atomicAdd(cnt, 1u);
-        last = old == sa - 1;
-        if (last) *cnt = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    att_combine(part0, sa, hd, out);
+    att_merge_last(c, (u64)i * a.n_heads + h, sa, part0, hd, out);
 }
 
 // grid.x = n * n_heads; merges the active splits of one (query, head) when the
@@ -193,7 +199,7 @@ template <bool F16> __device__ __forceinline__ float4 ld_cache4(const Ctx& c, u3
 }
 
 template <bool F16> __device__ void attention_dec_body(const Ctx& c, const Attention& a) {
-    __shared__ u32 spos, last;
+    __shared__ u32 spos;
     __shared__ __align__(16) float qs[256];
     __shared__ float sp[ATD_T];
     __shared__ __align__(16) float4 sacc[ATD_T];
@@ -277,19 +283,7 @@ template <bool F16> __device__ void attention_dec_body(const Ctx& c, const Atten
     if (sa == 1) return;
     if (tid == 0) { part[0] = m; part[1] = l; }
     if (!fused) return; // (exec.rs launches this kernel split only with counters)
-    // The last of the sa splits to get here merges them (and re-arms the counter).
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        u32* cnt = c.counters + h;
-        u32 old = atomicAdd(cnt, 1u);
-        last = old == sa - 1;
-        if (last) *cnt = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    att_combine(part0, sa, hd, out);
+    att_merge_last(c, h, sa, part0, hd, out);
 }
 
 extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f32(const Ctx c, const Attention a) {
