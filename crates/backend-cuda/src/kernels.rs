@@ -22,23 +22,85 @@ pub const DTYPE_SUFFIX: [&str; 10] = [
     "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k",
 ];
 
-/// PTX per architecture, compiled at most once per process.
-fn ptx_for(arch: &'static str) -> Result<String, String> {
+const NVRTC_OPTIONS: [&str; 2] = ["--std=c++17", "-default-device"];
+
+fn compile(arch: &'static str) -> Result<String, String> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        .map(|p| p.to_src())
+        .map_err(|e| format!("NVRTC could not compile the kernels for {arch}: {e:?}"))
+}
+
+/// Where compiled PTX is cached on disk: `$SAMEPAGE_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/samepage`, else `~/.cache/samepage` (as the compiled guests); `None`
+/// when `SAMEPAGE_CACHE_DIR` is empty. A file's name hashes the source, the options, the
+/// architecture and the NVRTC version, so any change compiles afresh.
+fn cache_dir() -> Option<std::path::PathBuf> {
+    Some(match std::env::var_os("SAMEPAGE_CACHE_DIR") {
+        Some(d) if d.is_empty() => return None,
+        Some(d) => std::path::PathBuf::from(d),
+        None => match std::env::var_os("XDG_CACHE_HOME") {
+            Some(d) if !d.is_empty() => std::path::PathBuf::from(d).join("samepage"),
+            _ => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/samepage"),
+        },
+    })
+}
+
+fn ptx_cache_file(dir: &std::path::Path, arch: &str) -> std::path::PathBuf {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters; NVRTC is loaded (the caller compiles with it otherwise).
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    let key = format!("{SOURCE}\0{}\0{arch}\0{major}.{minor}", NVRTC_OPTIONS.join(" "));
+    // FNV-1a: stable across builds, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    dir.join(format!("cuda-{arch}-{h:016x}.ptx"))
+}
+
+/// The PTX for `arch` from the disk cache, or compiled (and then cached: written to a
+/// temporary file and renamed, so a reader never sees half a file). `fresh`: ignore (and
+/// replace) a cached copy, e.g. one the driver refused.
+fn cached_ptx(dir: Option<&std::path::Path>, arch: &'static str, fresh: bool) -> Result<String, String> {
+    let file = dir.map(|d| ptx_cache_file(d, arch));
+    if let Some(f) = file.as_ref().filter(|_| !fresh) {
+        if let Ok(ptx) = std::fs::read_to_string(f) {
+            if ptx.contains(".entry") {
+                return Ok(ptx);
+            }
+        }
+    }
+    let ptx = compile(arch)?;
+    if let Some(f) = file {
+        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        let written = f.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+            && std::fs::write(&tmp, &ptx).is_ok()
+            && std::fs::rename(&tmp, &f).is_ok();
+        if !written {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(ptx)
+}
+
+/// PTX per architecture, compiled (or read from the disk cache) at most once per process.
+fn ptx_for(arch: &'static str, fresh: bool) -> Result<String, String> {
     type Cache = Mutex<Vec<(&'static str, Result<String, String>)>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if fresh {
+        cache.retain(|(a, _)| *a != arch);
+    }
     if let Some((_, r)) = cache.iter().find(|(a, _)| *a == arch) {
         return r.clone();
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into(), "-default-device".into()],
-        ..Default::default()
-    };
-    let r = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
-        .map(|p| p.to_src())
-        .map_err(|e| format!("NVRTC could not compile the kernels for {arch}: {e:?}"));
+    let r = cached_ptx(cache_dir().as_deref(), arch, fresh);
     cache.push((arch, r.clone()));
     r
 }
@@ -111,10 +173,12 @@ impl Kernels {
             std::sync::atomic::Ordering::Relaxed,
         );
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let src = ptx_for(arch)?;
-        let module = ctx
-            .load_module(Ptx::from_src(src))
-            .map_err(|e| format!("loading the kernel module: {e:?}"))?;
+        let load = |fresh| -> Result<_, String> {
+            ctx.load_module(Ptx::from_src(ptx_for(arch, fresh)?))
+                .map_err(|e| format!("loading the kernel module: {e:?}"))
+        };
+        // A cached PTX the driver refuses is compiled again and replaced.
+        let module = load(false).or_else(|_| load(true))?;
         let f = |name: &str| -> Result<CudaFunction, String> {
             module
                 .load_function(name)
@@ -202,7 +266,7 @@ fn grant_smem(f: &CudaFunction, smem: u32) -> bool {
 
 /// Write the PTX for `arch` to `path` (for inspection: `SAMEPAGE_DUMP_PTX`).
 pub fn dump_ptx(arch: &'static str, path: &std::path::Path) -> Result<(), String> {
-    let ptx = ptx_for(arch)?;
+    let ptx = ptx_for(arch, false)?;
     std::fs::write(path, ptx).map_err(|e| e.to_string())
 }
 
@@ -213,14 +277,50 @@ mod tests {
     fn kernels_compile_for_sm90() {
         // SAFETY: only tries to dlopen the library.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            // CI installs NVRTC from PyPI and sets this, so the kernels compile there.
+            if std::env::var("SAMEPAGE_REQUIRE_NVRTC").as_deref() == Ok("1") {
+                panic!("SAMEPAGE_REQUIRE_NVRTC=1 but no NVRTC library was found");
+            }
             println!("skipped: no NVRTC library");
             return;
         }
-        if let Err(e) = super::ptx_for("sm_90") {
+        if let Err(e) = super::compile("sm_90") {
             panic!("{e}");
         }
         if let Ok(p) = std::env::var("SAMEPAGE_DUMP_PTX") {
             super::dump_ptx("sm_90", std::path::Path::new(&p)).unwrap();
         }
+    }
+
+    /// The PTX disk cache: written on the first compile, read back after, and a damaged
+    /// file is compiled again and replaced.
+    #[test]
+    fn ptx_is_cached_on_disk() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            println!("skipped: no NVRTC library");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("samepage-ptx-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = super::cached_ptx(Some(&dir), "sm_90", false).unwrap();
+        let file = super::ptx_cache_file(&dir, "sm_90");
+        assert!(
+            std::fs::read_to_string(&file).unwrap() == first,
+            "the PTX was not cached"
+        );
+        std::fs::write(&file, "not ptx").unwrap();
+        let again = super::cached_ptx(Some(&dir), "sm_90", false).unwrap();
+        assert!(again.contains(".visible .entry"), "a damaged cache file was used");
+        assert!(
+            std::fs::read_to_string(&file).unwrap() == again,
+            "the damaged file was not replaced"
+        );
+        // A cached file is what the next process reads (a marker shows it was read).
+        std::fs::write(&file, format!("{first}// cached\n")).unwrap();
+        assert!(super::cached_ptx(Some(&dir), "sm_90", false)
+            .unwrap()
+            .ends_with("// cached\n"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
