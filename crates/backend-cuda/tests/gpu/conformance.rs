@@ -564,12 +564,24 @@ fn sample_matches_the_cpu_draw_for_draw() {
             min_p: 0.2,
             ..Default::default()
         },
+        // With logits rounded to whole numbers below (many equal values): top-k keeps the
+        // smallest ids among the ties at its cut.
+        SampleParams {
+            temperature: 1.0,
+            top_k: 40,
+            top_p: 0.9,
+            ..Default::default()
+        },
     ];
     let history: Vec<u32> = (0..32).map(|_| rng.below(vocab as u32)).collect();
     for (ci, p) in cases.iter().enumerate() {
         let mut same = 0;
+        let ties = ci == cases.len() - 1;
         for seed in 0..12u64 {
-            let logits: Vec<f32> = (0..vocab).map(|_| rng.f32() * 6.0).collect();
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| rng.f32() * 6.0)
+                .map(|x| if ties { x.round() } else { x })
+                .collect();
             let mut img = Image::default();
             let lo = img.f32s(&logits);
             let po = img.put(samepage_abi::pod_bytes(p));
