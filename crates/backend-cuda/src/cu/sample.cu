@@ -257,18 +257,28 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
     float* pb = c.scratch + V;
     // Coalesced, and the loads independent of the stores (the logits may live in host
     // memory, HOST-hinted: a dependent per-thread walk paid a bus round trip per element).
+    // Without a penalty the temperature is applied here, in the same pass (the same
+    // division as the separate pass below).
+    const bool fold_t = p.repeat_penalty == 1.0f && p.temperature > 0.0f;
     {
         const float* __restrict__ logits = at<float>(c, s.logits);
         float* __restrict__ ld = l;
+        const float T = p.temperature;
         u32 t = tid;
         for (; t + 7 * ST < V; t += 8 * ST) {
             float v[8];
 #pragma unroll
             for (int u = 0; u < 8; u++) v[u] = __ldcs(logits + t + u * ST);
 #pragma unroll
-            for (int u = 0; u < 8; u++) ld[t + u * ST] = v[u] != v[u] ? -INFINITY : v[u];
+            for (int u = 0; u < 8; u++) {
+                const float x = v[u] != v[u] ? -INFINITY : v[u];
+                ld[t + u * ST] = fold_t ? x / T : x;
+            }
         }
-        for (; t < V; t += ST) { float v = __ldcs(logits + t); ld[t] = v != v ? -INFINITY : v; }
+        for (; t < V; t += ST) {
+            const float v = __ldcs(logits + t), x = v != v ? -INFINITY : v;
+            ld[t] = fold_t ? x / T : x;
+        }
     }
     __syncthreads();
     // 1. Repetition penalty, once per distinct token of the window.
@@ -290,8 +300,11 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
         return;
     }
-    for (u32 t = tid; t < V; t += ST) { l[t] = l[t] / p.temperature; pb[t] = 1.0f; }
-    __syncthreads();
+    if (!fold_t) {
+        for (u32 t = tid; t < V; t += ST) l[t] = l[t] / p.temperature;
+        __syncthreads();
+    }
+    // pb (kept: > 0) is written by the top-k tie pass below, or here when nothing cuts.
     // 3. Top-k: keep keys above the k-th largest, and its ties by ascending id.
     if (p.top_k > 0 && p.top_k < V) {
         u32 ties;
@@ -306,6 +319,9 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
             bool keep = k > kstar || (k == kstar && rank++ < ties);
             pb[t] = keep ? 1.0f : -1.0f;
         }
+        __syncthreads();
+    } else {
+        for (u32 t = tid; t < V; t += ST) pb[t] = 1.0f;
         __syncthreads();
     }
     // 4. Softmax over the kept tokens.
