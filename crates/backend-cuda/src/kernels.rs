@@ -35,31 +35,15 @@ fn compile(arch: &'static str) -> Result<String, String> {
         .map_err(|e| format!("NVRTC could not compile the kernels for {arch}: {e:?}"))
 }
 
-/// Where compiled PTX is cached on disk: `$SAMEPAGE_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/samepage`, else `~/.cache/samepage` (as the compiled guests); `None`
-/// when `SAMEPAGE_CACHE_DIR` is empty. A file's name hashes the source, the options, the
+/// The compiled PTX's file in `dir` (the compiled guests' cache,
+/// [`samepage_backend::cache::dir`]): its name hashes the source, the options, the
 /// architecture and the NVRTC version, so any change compiles afresh.
-fn cache_dir() -> Option<std::path::PathBuf> {
-    Some(match std::env::var_os("SAMEPAGE_CACHE_DIR") {
-        Some(d) if d.is_empty() => return None,
-        Some(d) => std::path::PathBuf::from(d),
-        None => match std::env::var_os("XDG_CACHE_HOME") {
-            Some(d) if !d.is_empty() => std::path::PathBuf::from(d).join("samepage"),
-            _ => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/samepage"),
-        },
-    })
-}
-
 fn ptx_cache_file(dir: &std::path::Path, arch: &str) -> std::path::PathBuf {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-parameters; NVRTC is loaded (the caller compiles with it otherwise).
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
     let key = format!("{SOURCE}\0{}\0{arch}\0{major}.{minor}", NVRTC_OPTIONS.join(" "));
-    // FNV-1a: stable across builds, unlike std's hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = samepage_backend::cache::fnv1a(key.as_bytes());
     dir.join(format!("cuda-{arch}-{h:016x}.ptx"))
 }
 
@@ -100,7 +84,7 @@ fn ptx_for(arch: &'static str, fresh: bool) -> Result<String, String> {
     if let Some((_, r)) = cache.iter().find(|(a, _)| *a == arch) {
         return r.clone();
     }
-    let r = cached_ptx(cache_dir().as_deref(), arch, fresh);
+    let r = cached_ptx(samepage_backend::cache::dir().as_deref(), arch, fresh);
     cache.push((arch, r.clone()));
     r
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 pub use samepage_abi as abi;
 use samepage_abi::status;
 
+pub mod cache;
 mod mem;
 mod validate;
 

@@ -176,24 +176,12 @@ impl Runtime {
     }
 }
 
-/// Where the compiled form of `wasm` is cached: `$SAMEPAGE_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/samepage`, else `~/.cache/samepage`; `None` when
-/// `SAMEPAGE_CACHE_DIR` is empty (caching off) or no directory is known.
+/// Where the compiled form of `wasm` is cached (in [`samepage_backend::cache::dir`]);
+/// `None` when caching is off or no directory is known.
 fn cache_path(engine: &wasmtime::Engine, wasm: &[u8]) -> Option<std::path::PathBuf> {
     use std::hash::{Hash, Hasher};
-    let dir = match std::env::var_os("SAMEPAGE_CACHE_DIR") {
-        Some(d) if d.is_empty() => return None,
-        Some(d) => std::path::PathBuf::from(d),
-        None => match std::env::var_os("XDG_CACHE_HOME") {
-            Some(d) if !d.is_empty() => std::path::PathBuf::from(d).join("samepage"),
-            _ => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/samepage"),
-        },
-    };
-    // FNV-1a over the module: stable across builds, unlike std's hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in wasm {
-        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
+    let dir = samepage_backend::cache::dir()?;
+    let h = samepage_backend::cache::fnv1a(wasm);
     let mut e = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut e);
     Some(dir.join(format!("{h:016x}-{:016x}.cwasm", e.finish())))
