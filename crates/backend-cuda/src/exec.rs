@@ -351,12 +351,16 @@ fn wave_split(dt: DType, k: u32, rows: u64, vb: u32, sms: u32) -> u32 {
 fn split_knobs() -> (u32, u64) {
     static K: std::sync::OnceLock<(u32, u64)> = std::sync::OnceLock::new();
     *K.get_or_init(|| {
-        let get = |n: &str, d: u64| std::env::var(n).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
         (
-            get("SAMEPAGE_CUDA_MV_LOADS", 0).min(64) as u32,
-            get("SAMEPAGE_CUDA_MV_WARPS", 8192),
+            env_num("SAMEPAGE_CUDA_MV_LOADS").unwrap_or(0).min(64) as u32,
+            env_num("SAMEPAGE_CUDA_MV_WARPS").unwrap_or(8192),
         )
     })
+}
+
+/// A numeric tuning switch from the environment (read once by each caller's `OnceLock`).
+fn env_num(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.parse().ok()
 }
 
 /// Blocks of a single-token matvec launch of `m` rows at split `ls`.
@@ -369,13 +373,7 @@ fn matvec_blocks(m: u32, ls: u32) -> u64 {
 /// launch is one wave; `SAMEPAGE_CUDA_QMV_BLOCKS` overrides (for measuring).
 fn qmv_target_blocks() -> u64 {
     static T: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *T.get_or_init(|| {
-        std::env::var("SAMEPAGE_CUDA_QMV_BLOCKS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&t| t > 0)
-            .unwrap_or(264)
-    })
+    *T.get_or_init(|| env_num("SAMEPAGE_CUDA_QMV_BLOCKS").filter(|&t| t > 0).unwrap_or(264))
 }
 
 /// Rows per block and log2 warps per row of a quantized single-token matvec (`gemv_quant`,
@@ -697,13 +695,7 @@ fn stream_plan(base: u64, ms: &[abi::Matmul], sms: u32, swiglu_out: Option<u32>)
     // Blocks of 8 warps per SM: 4 (measured best of 2-4; two are resident at 128
     // registers a thread); `SAMEPAGE_CUDA_MVS_BPS` (tuning).
     static BPS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let bps = *BPS.get_or_init(|| {
-        std::env::var("SAMEPAGE_CUDA_MVS_BPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(4u64)
-            .clamp(1, 16)
-    });
+    let bps = *BPS.get_or_init(|| env_num("SAMEPAGE_CUDA_MVS_BPS").unwrap_or(4).clamp(1, 16));
     let wmax = 8 * bps * sms.max(1) as u64;
     if mode == 1 && rows * upr < 4 * wmax {
         return None;

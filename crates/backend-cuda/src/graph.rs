@@ -209,7 +209,6 @@ impl CudaOpGraph {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| cuda_err("beginning stream capture", e))?;
         let _pdl = exec::PdlScope::new(self.ops.iter().all(exec::single_token));
-        crate::prefill::forget_x();
         let mut res = self.launch_stage(base);
         for (j, &step) in self.steps.iter().enumerate() {
             if res.is_err() {
@@ -238,10 +237,11 @@ impl CudaOpGraph {
 
     /// The step's first launch: its per-token words to the device (`stage`), if any.
     fn launch_stage(&self, base: u64) -> Result<(), OpError> {
+        // Every recording (and profiled run) starts here: no converted x carries over.
+        crate::prefill::forget_x();
         let Some(st) = self.staged.as_ref() else {
             return Ok(());
         };
-        crate::prefill::forget_x();
         let c = KCtx {
             tok: st.buf,
             ..self.ctx(base, 0)

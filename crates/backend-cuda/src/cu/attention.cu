@@ -321,19 +321,15 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
     const u32 hd = a.head_dim, G = a.n_heads / a.n_kv_heads, half = f.q.n_rot / 2, rest = hd - 2 * half;
     const u32 p = tok_word(c, 0, f.q.positions);
     const u32 pos = tok_word(c, 2, s.pos);
-    for (u32 j = t; j < half; j += RKA_T) {
-        double sv, cv;
-        sincos((double)p * rope_freq(f.q, j), &sv, &cv);
-        cs[j] = (float)cv;
-        sn[j] = (float)sv;
-    }
+    rope_angles(f.q, p, cs, sn);
     __syncthreads();
     float* qx = at<float>(c, f.q.x) + (u64)h * G * hd;
     float* kx = at<float>(c, f.k.x) + (u64)h * hd;
     for (u32 i = t; i < (G + 1) * half; i += RKA_T) {
         const u32 hh = i / half, j = i % half;
         float* v = hh == G ? kx : qx + (u64)hh * hd;
-        const u32 ia = f.q.mode == 0 ? 2 * j : j, ib = f.q.mode == 0 ? 2 * j + 1 : j + half;
+        u32 ia, ib;
+        rope_pair(f.q, j, ia, ib);
         const float x0 = v[ia], x1 = v[ib];
         const float y0 = x0 * cs[j] - x1 * sn[j], y1 = x0 * sn[j] + x1 * cs[j];
         v[ia] = y0;

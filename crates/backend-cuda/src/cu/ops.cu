@@ -73,6 +73,24 @@ __device__ double rope_freq(const Rope& r, u32 j) {
     return freq;
 }
 
+// The elements of rotated pair j of a head: (2j, 2j + 1) interleaved, (j, j + half) split.
+__device__ __forceinline__ void rope_pair(const Rope& r, u32 j, u32& a, u32& b) {
+    const u32 half = r.n_rot / 2;
+    a = r.mode == 0 ? 2 * j : j;
+    b = r.mode == 0 ? 2 * j + 1 : j + half;
+}
+
+// The cosines and sines of position p for pairs j < n_rot / 2 into cs / sn (f64 math, as
+// Hugging Face), by the block's threads; the caller synchronises before reading them.
+__device__ void rope_angles(const Rope& r, u32 p, float* cs, float* sn) {
+    for (u32 j = threadIdx.x; j < r.n_rot / 2; j += blockDim.x) {
+        double s, co;
+        sincos((double)p * rope_freq(r, j), &s, &co);
+        cs[j] = (float)co;
+        sn[j] = (float)s;
+    }
+}
+
 // grid: n blocks, one per token. The token's n_rot / 2 angles are computed once (f64)
 // into shared memory, then the block's threads rotate every head's pairs: the f64
 // pow/sincos runs once per token, not once per head.
@@ -81,18 +99,14 @@ extern "C" __global__ void rope(const Ctx c, const Rope r) {
     __shared__ float cs[128], sn[128];
     const u32 i = blockIdx.x, half = r.n_rot / 2;
     const u32 p = r.n == 1 ? tok_word(c, 0, r.positions) : at<u32>(c, r.positions)[i];
-    for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
-        double s, co;
-        sincos((double)p * rope_freq(r, j), &s, &co);
-        cs[j] = (float)co;
-        sn[j] = (float)s;
-    }
+    rope_angles(r, p, cs, sn);
     __syncthreads();
     float* v0 = at<float>(c, r.x) + (u64)i * r.n_heads * r.head_dim;
     for (u32 t = threadIdx.x; t < r.n_heads * half; t += blockDim.x) {
         const u32 h = t / half, j = t % half;
         float* v = v0 + (u64)h * r.head_dim;
-        const u32 a = r.mode == 0 ? 2 * j : j, b = r.mode == 0 ? 2 * j + 1 : j + half;
+        u32 a, b;
+        rope_pair(r, j, a, b);
         const float x0 = v[a], x1 = v[b], fc = cs[j], fs = sn[j];
         v[a] = x0 * fc - x1 * fs;
         v[b] = x0 * fs + x1 * fc;
@@ -104,7 +118,8 @@ extern "C" __global__ void rope(const Ctx c, const Rope r) {
 __device__ void rope_head(const Rope& r, u32 p, float* v) {
     u32 half = r.n_rot / 2;
     for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
-        u32 a = r.mode == 0 ? 2 * j : j, b = r.mode == 0 ? 2 * j + 1 : j + half;
+        u32 a, b;
+        rope_pair(r, j, a, b);
         float x0 = v[a], x1 = v[b];
         double s, co;
         sincos((double)p * rope_freq(r, j), &s, &co);

@@ -30,6 +30,17 @@ __device__ u32 scan_u32(u32 v, u32& total) {
     return s[threadIdx.x];
 }
 
+// One splitmix64 step of the guest's RNG state (the reference's `draw_uniform`): sets the
+// new state and returns the 24-bit uniform in [0, 1).
+__device__ __forceinline__ float draw_uniform(u64 state, u64& next) {
+    next = state + 0x9E3779B97F4A7C15ull;
+    u64 z = next;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z = z ^ (z >> 31);
+    return (float)(z >> 40) / 16777216.0f;
+}
+
 // Radix select: the key of the `k`-th largest (1-based) among keys passing `want`;
 // returns it and sets `ties` = how many elements equal to it are needed. The histogram
 // does not depend on the order, so the threads stride the vocabulary (coalesced).
@@ -188,12 +199,8 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
         double total = 0.0;
         u32 last = 0;
         for (u32 i = 0; i < n; i++) if (kept[i]) { total += (double)cpr[i]; last = cid[i]; }
-        u64 st = *at<u64>(c, s.rng) + 0x9E3779B97F4A7C15ull;
-        u64 z = st;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z = z ^ (z >> 31);
-        const double u = (double)((float)(z >> 40) / 16777216.0f) * total;
+        u64 st;
+        const double u = (double)draw_uniform(*at<u64>(c, s.rng), st) * total;
         double cum = 0.0;
         u32 found = last;
         for (u32 i = 0; i < n; i++) {
@@ -429,13 +436,9 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
     if (tid == 0) {
         double acc = 0.0;
         for (int i = 0; i < ST; i++) { double t = part[i]; part[i] = acc; acc += t; }
-        u64 st = *at<u64>(c, s.rng) + 0x9E3779B97F4A7C15ull;
-        u64 z = st;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z = z ^ (z >> 31);
+        u64 st;
+        const float u = draw_uniform(*at<u64>(c, s.rng), st);
         rng_new = st;
-        float u = (float)(z >> 40) / 16777216.0f;
         u_s = (double)u * acc;
     }
     __syncthreads();
