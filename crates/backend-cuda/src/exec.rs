@@ -21,6 +21,8 @@ pub(crate) struct KCtx {
     /// Per slot (byte), the staged index of the op's per-token word; 0xff: the region.
     pub tmap: u32,
     pub pad: u32,
+    /// `SAMEPAGE_CUDA_TRACE=3`: the timeline words (`TlGuard` in common.cuh), or 0.
+    pub tl: u64,
 }
 
 impl KCtx {
@@ -36,6 +38,7 @@ impl KCtx {
             tok: 0,
             tmap: u32::MAX,
             pad: 0,
+            tl: 0,
         }
     }
 }
@@ -795,6 +798,285 @@ pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops
     )
 }
 
+/// `struct MvPipe` of `cu/mvp.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct MvPipe {
+    m: [abi::Matmul; 3],
+    count: u32,
+    rend: [u32; 3],
+    p: u32,
+    r: u32,
+    stages: u32,
+    pair: u32,
+    sw_out: u32,
+    norm: u32,
+    nx: u32,
+    nw: u32,
+    nout: u32,
+    eps: f32,
+    pre: u32,
+    early: u32,
+}
+// SAFETY: #[repr(C)] of 4-byte scalars (Matmul is such a struct), no padding.
+unsafe impl samepage_abi::Pod for MvPipe {}
+
+/// Byte ranges an op writes in the region (conservative: the sampler's history too).
+pub(crate) fn op_writes(op: &Op) -> Vec<(u64, u64)> {
+    let span = |x: u32, len: u64| (x as u64, x as u64 + len);
+    match *op {
+        Op::Embed(e) => vec![span(e.out, e.n as u64 * e.dim as u64 * 4)],
+        Op::RmsNorm(r) => vec![span(r.out, r.n as u64 * r.dim as u64 * 4)],
+        Op::Matmul(m) => vec![span(m.out, m.n as u64 * m.m as u64 * 4)],
+        Op::Rope(r) => vec![span(r.x, r.n as u64 * r.n_heads as u64 * r.head_dim as u64 * 4)],
+        Op::KvStore(s) => {
+            let eb = if s.cache_dtype == DType::F16 as u32 { 2 } else { 4 };
+            let cb = s.n_kv_heads as u64 * s.ctx as u64 * s.head_dim as u64 * eb;
+            vec![span(s.k_cache, cb), span(s.v_cache, cb)]
+        }
+        Op::Attention(a) => vec![span(a.out, a.n as u64 * a.n_heads as u64 * a.head_dim as u64 * 4)],
+        Op::SwiGlu(s) => vec![span(s.out, s.len as u64 * 4)],
+        Op::Add(s) => vec![span(s.out, s.len as u64 * 4)],
+        Op::Scale(s) => vec![span(s.out, s.len as u64 * 4)],
+        Op::Softmax(s) => vec![span(s.out, s.rows as u64 * s.cols as u64 * 4)],
+        Op::Argmax(s) => vec![span(s.out, s.rows as u64 * 4)],
+        Op::Sample(s) => vec![
+            span(s.out, 4),
+            span(s.rng, 8),
+            span(s.history, s.history_cap as u64 * 4),
+        ],
+    }
+}
+
+/// A record-time matvec step: `ops[at..]` holds an rmsnorm (if `norm`), `len` (1-3)
+/// single-token matvecs over one x (its output, with `norm`), and a swiglu of the gate/up
+/// pair (if `swiglu`). `w_fixed`: no op of the whole graph writes any of their W, so the
+/// pipelined kernel may read W before the previous kernel has finished.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct MvStep {
+    pub at: usize,
+    pub norm: bool,
+    pub len: usize,
+    pub swiglu: bool,
+    pub w_fixed: bool,
+}
+
+impl MvStep {
+    pub(crate) fn ops(&self) -> usize {
+        self.norm as usize + self.len + self.swiglu as usize
+    }
+}
+
+/// The longest matvec step starting at `ops[i]` (see [`MvStep`]), or `None` where
+/// `ops[i]` starts none. `writes`: every op's write ranges ([`op_writes`]) in the graph.
+/// An rmsnorm joins only when every matvec reads its output as x (k = dim) and nothing is
+/// in place: its out apart from its x and weight, and every output of the step apart
+/// from all three (the fused kernel's blocks read x while others write).
+pub(crate) fn mv_step(ops: &[Op], i: usize, writes: &[(u64, u64)]) -> Option<MvStep> {
+    let single = |j: usize| matches!(ops.get(j), Some(Op::Matmul(m)) if m.n == 1);
+    let norm = match ops.get(i)? {
+        Op::RmsNorm(r) if r.n == 1 => Some(*r),
+        _ => None,
+    };
+    let j = i + norm.is_some() as usize;
+    let len = (2..=3)
+        .rev()
+        .find(|&l| j + l <= ops.len() && groupable(&ops[j..j + l]))
+        .unwrap_or(single(j) as usize);
+    if len == 0 {
+        return None;
+    }
+    let ms: Vec<abi::Matmul> = ops[j..j + len]
+        .iter()
+        .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
+        .collect();
+    let swiglu = len == 2 && j + 3 <= ops.len() && swiglu_pairable(&ops[j..j + 3]);
+    let mut outs: Vec<(u64, u64)> = ms.iter().map(|m| matvec_ranges(m).1).collect();
+    if let Some(Op::SwiGlu(s)) = ops.get(j + 2).filter(|_| swiglu) {
+        outs.push((s.out as u64, s.out as u64 + s.len as u64 * 4));
+    }
+    if let Some(r) = norm {
+        let row = |x: u32| (x as u64, x as u64 + r.dim as u64 * 4);
+        let (x, w, o) = (row(r.x), row(r.weight), row(r.out));
+        let ok = ms.iter().all(|m| m.x == r.out && m.k == r.dim)
+            && !overlap(o, x)
+            && !overlap(o, w)
+            && outs
+                .iter()
+                .all(|d| !overlap(*d, x) && !overlap(*d, w) && !overlap(*d, o));
+        if !ok {
+            return None;
+        }
+    }
+    let w_fixed = ms.iter().all(|m| {
+        let w = matvec_ranges(m).0[0];
+        writes.iter().all(|d| !overlap(w, *d))
+    });
+    Some(MvStep {
+        at: i,
+        norm: norm.is_some(),
+        len,
+        swiglu,
+        w_fixed,
+    })
+}
+
+/// The pipelined matvec's switches: `SAMEPAGE_CUDA_MVP=0` (off), `_STAGES` (2-4 stages
+/// of 8 parts per block; default 2: measured best, see NOTES.md), `_BPS` (blocks per SM; default 1),
+/// `_PAIR=0` (stages not capped so that two blocks fit an SM).
+fn mvp_knobs() -> (bool, u32, u64, bool) {
+    static K: std::sync::OnceLock<(bool, u32, u64, bool)> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        (
+            std::env::var("SAMEPAGE_CUDA_MVP").as_deref() != Ok("0"),
+            env_num("SAMEPAGE_CUDA_MVP_STAGES")
+                .unwrap_or(3)
+                .clamp(2, crate::kernels::MVP_SMAX as u64) as u32,
+            env_num("SAMEPAGE_CUDA_MVP_BPS").unwrap_or(1).clamp(1, 4),
+            std::env::var("SAMEPAGE_CUDA_MVP_PAIR").as_deref() != Ok("0"),
+        )
+    })
+}
+
+/// Stages the pipelined matvec issues before its PDL wait (`SAMEPAGE_CUDA_MVP_EARLY`,
+/// default 1): the rest go out once x is in. Each early byte streams while earlier
+/// kernels run, but also queues ahead of the block's own x reads (and every other
+/// dependent read on the GPU): on an H100, bf16 Llama-1B tg128, all stages early gave
+/// 706-738 tok/s, one 771-773, two 722-742, none 722-733 (interleaved, one call).
+fn mvp_early() -> u32 {
+    static E: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *E.get_or_init(|| env_num("SAMEPAGE_CUDA_MVP_EARLY").map_or(1, |v| v.min(64) as u32))
+}
+
+/// `mvp`'s part shape for rows of `k` elements: (J, P) with k = 256 J P, J <= 8 (x
+/// registers per lane: 8 J), P <= 8 parts per row (a warp each), the fewest parts.
+pub(crate) fn mvp_shape(k: u32) -> Option<(u32, u32)> {
+    if k == 0 || !k.is_multiple_of(256) {
+        return None;
+    }
+    let c = k / 256;
+    let p = (1..=8u32).find(|&p| c.is_multiple_of(p) && c / p <= 8)?;
+    Some((c / p, p))
+}
+
+/// The pipelined matvec (`mvp_body` in cu/mvp.cu) for matvecs `ms` (with the rmsnorm
+/// before them and the swiglu after them fused, if given): the descriptor, the kernel,
+/// the blocks and the dynamic shared memory. `None` where it does not apply: switched
+/// off, below sm_80, not f16/bf16, a row length without a part shape, anything not
+/// 16-byte aligned, or gate/up pairs with an odd number of rows per stage.
+fn mvp_plan<'k>(
+    k: &'k Kernels,
+    base: u64,
+    ms: &[abi::Matmul],
+    norm: Option<abi::RmsNorm>,
+    sw: Option<abi::SwiGlu>,
+) -> Option<(MvPipe, &'k CudaFunction, u64, u32)> {
+    let (on, stages, bps, _) = mvp_knobs();
+    let m0 = *ms.first()?;
+    if !on || ms.len() > 3 {
+        return None;
+    }
+    let di = match DType::from_u32(m0.dtype)? {
+        DType::F16 => 0,
+        DType::BF16 => 1,
+        _ => return None,
+    };
+    let (j, p) = mvp_shape(m0.k)?;
+    let r = 8 / p;
+    if sw.is_some() && (ms.len() != 2 || !r.is_multiple_of(2)) {
+        return None;
+    }
+    let al = |off: u32| (base + off as u64).is_multiple_of(16);
+    if !ms.iter().all(|m| al(m.w) && al(m.x)) || norm.is_some_and(|n| !(al(n.x) && al(n.weight) && al(n.out))) {
+        return None;
+    }
+    let f = k.mvp.get(di * 8 + j as usize - 1)?.as_ref()?;
+    let mut g = MvPipe {
+        count: ms.len() as u32,
+        p,
+        r,
+        stages,
+        ..Default::default()
+    };
+    let mut rows = 0u64;
+    for (i, m) in ms.iter().enumerate() {
+        g.m[i] = *m;
+        rows += m.m as u64;
+        g.rend[i] = u32::try_from(rows).ok()?;
+    }
+    if let Some(s) = sw {
+        g.pair = 1;
+        g.sw_out = s.out;
+    }
+    if let Some(n) = norm {
+        (g.norm, g.nx, g.nw, g.nout, g.eps) = (1, n.x, n.weight, n.out, n.eps);
+    }
+    // With the rmsnorm, block b < J * P also writes segment b (256 elements) of its
+    // output, so there are at least J * P blocks (a block past the last stage does only that).
+    let least = if norm.is_some() { (j * p) as u64 } else { 1 };
+    let blocks = (k.sms.max(1) as u64 * bps).min(rows.div_ceil(r as u64)).max(least);
+    // Stages per block (at most), and whether the rows' bias or old values are read first.
+    let per_block = rows.div_ceil(r as u64).div_ceil(blocks) as u32;
+    let pre = ms
+        .iter()
+        .any(|m| m.flags & (abi::MATMUL_BIAS | abi::MATMUL_ACCUMULATE) != 0);
+    g.pre = pre as u32;
+    // The stages, x (and the norm weight) as f32, the rows' bias / old values: as many
+    // stages as the knob asks, but no more than let two blocks share an SM (so the next
+    // launch's blocks start streaming before this one's end), and at least 2.
+    let sb = r * p * 32 * j * 16;
+    let fixed = m0.k * 4 * (1 + norm.is_some() as u32) + pre as u32 * per_block * r * 4;
+    let fit2 = (k.mvp_smem_pair.saturating_sub(fixed) / sb).max(2);
+    g.stages = if mvp_knobs().3 { stages.min(fit2) } else { stages };
+    g.early = mvp_early().min(g.stages);
+    let smem = g.stages * sb + fixed;
+    if smem > k.mvp_smem {
+        return None;
+    }
+    Some((g, f, blocks, smem))
+}
+
+/// Enqueue a [`MvStep`] (`ops`: exactly its ops): one pipelined launch where it applies
+/// (and W is fixed), else its parts as before: the rmsnorm, the matvec group (or the
+/// gate/up/swiglu path), one after the other.
+pub(crate) fn launch_mv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op], s: MvStep) -> Result<(), OpError> {
+    let off = s.norm as usize;
+    let ms: Vec<abi::Matmul> = ops[off..off + s.len]
+        .iter()
+        .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
+        .collect();
+    let norm = match ops[0] {
+        Op::RmsNorm(r) if s.norm => Some(r),
+        _ => None,
+    };
+    let sw = match ops.get(off + 2) {
+        Some(Op::SwiGlu(x)) if s.swiglu => Some(*x),
+        _ => None,
+    };
+    if s.w_fixed {
+        if let Some((g, f, blocks, smem)) = mvp_plan(k, c.base, &ms, norm, sw) {
+            let mut lc = cfg(blocks, 256)?;
+            lc.shared_mem_bytes = smem;
+            go(stream, f, c, g, lc, "matvec")?;
+            crate::count_pipelined();
+            return Ok(());
+        }
+    }
+    let mut c1 = c;
+    if s.norm {
+        launch_op(k, stream, c, &ops[0])?;
+        c1.op += 1;
+    }
+    let mv = &ops[off..];
+    if s.swiglu {
+        launch_matvecs_swiglu(k, stream, c1, &mv[..3])
+    } else if s.len >= 2 {
+        launch_matvec_group(k, stream, c1, &mv[..s.len])
+    } else {
+        launch_op(k, stream, c1, &mv[0])
+    }
+}
+
 pub(crate) fn go<T: samepage_abi::Pod>(
     stream: &CudaStream,
     f: &CudaFunction,
@@ -1034,5 +1316,24 @@ mod tests {
         // The Llama-1B shapes: one wave of ~2 blocks per SM, a warp per row.
         assert_eq!(super::quant_plan(DType::Q4_K, 8192, 2048), (8, 0));
         assert_eq!(super::quant_plan(DType::Q8_0, 2048, 16384), (64, 0));
+    }
+
+    /// The pipelined matvec's part shapes: k = 256 J P with J <= 8 registers' worth of x
+    /// per lane and the fewest parts; none where k has no such split.
+    #[test]
+    fn mvp_shapes() {
+        assert_eq!(super::mvp_shape(2048), Some((8, 1)));
+        assert_eq!(super::mvp_shape(8192), Some((8, 4)));
+        assert_eq!(super::mvp_shape(1536), Some((6, 1)));
+        assert_eq!(super::mvp_shape(4608), Some((6, 3)));
+        assert_eq!(super::mvp_shape(256), Some((1, 1)));
+        for k in [0, 576, 960, 100, 256 * 81] {
+            assert_eq!(super::mvp_shape(k), None, "k = {k}");
+        }
+        for k in (256..=16384).step_by(256) {
+            if let Some((j, p)) = super::mvp_shape(k) {
+                assert!(256 * j * p == k && (1..=8).contains(&j) && (1..=8).contains(&p));
+            }
+        }
     }
 }

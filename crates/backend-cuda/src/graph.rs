@@ -18,25 +18,24 @@ struct Captured {
 #[derive(Clone, Copy, Debug)]
 enum Step {
     One(usize),
-    /// `len` single-token matvecs sharing x (`exec::groupable`) as one `matvecs` launch.
-    Matvecs(usize, usize),
+    /// An rmsnorm, 1-3 single-token matvecs over one x, a gate/up swiglu (`exec::mv_step`):
+    /// one pipelined launch where it applies, else the parts.
+    Mv(exec::MvStep),
     /// rope(q), rope(k), kv_store of one token (`exec::rope_kv_fusable`) as one launch.
     RopeKv(usize),
     /// rope(q), rope(k), kv_store, attention of one token (`exec::rope_kv_attn_fusable`).
     RopeKvAttn(usize),
-    /// gate, up, swiglu (`exec::swiglu_pairable`) as one launch where the streaming
-    /// matvec applies.
-    MatvecsSwiglu(usize),
 }
 
 /// Fuse what can be fused without changing results; `SAMEPAGE_CUDA_FUSE=0` turns it off.
-/// rope(q), rope(k), kv_store of one token first, then matvec groups.
+/// rope(q), rope(k), kv_store (and attention) of one token first, then matvec steps.
 fn plan(ops: &[Op]) -> Vec<Step> {
     let fuse = std::env::var("SAMEPAGE_CUDA_FUSE").as_deref() != Ok("0");
     // `SAMEPAGE_CUDA_FUSE_ROPE_KV=0`: only this fusion off (A/B in one binary).
     let rope_kv = fuse && std::env::var("SAMEPAGE_CUDA_FUSE_ROPE_KV").as_deref() != Ok("0");
     // `SAMEPAGE_CUDA_FUSE_ATTN=0`: rope/kv_store not fused with the attention after them.
     let rope_kv_attn = rope_kv && std::env::var("SAMEPAGE_CUDA_FUSE_ATTN").as_deref() != Ok("0");
+    let writes: Vec<(u64, u64)> = ops.iter().flat_map(exec::op_writes).collect();
     let mut steps = Vec::with_capacity(ops.len());
     let mut i = 0;
     while i < ops.len() {
@@ -50,28 +49,22 @@ fn plan(ops: &[Op]) -> Vec<Step> {
             i += 3;
             continue;
         }
-        if fuse && i + 3 <= ops.len() && exec::swiglu_pairable(&ops[i..i + 3]) {
-            steps.push(Step::MatvecsSwiglu(i));
-            i += 3;
+        if let Some(s) = exec::mv_step(ops, i, &writes).filter(|_| fuse) {
+            steps.push(Step::Mv(s));
+            i += s.ops();
             continue;
         }
-        let len = if fuse {
-            (2..=3)
-                .rev()
-                .find(|&l| i + l <= ops.len() && exec::groupable(&ops[i..i + l]))
-                .unwrap_or(1)
-        } else {
-            1
-        };
-        steps.push(if len == 1 { Step::One(i) } else { Step::Matvecs(i, len) });
-        i += len;
+        steps.push(Step::One(i));
+        i += 1;
     }
     steps
 }
 
 /// `SAMEPAGE_CUDA_TRACE=1`: per-launch host timestamps and the graph's GPU time (events),
 /// summed and printed to stderr every 64 launches. `=2` also times each op once (the 16th
-/// launch runs the steps one by one, between events, instead of the graph).
+/// launch runs the steps one by one, between events, instead of the graph). `=3`: the
+/// timeline of the 16th launch (the graph itself): when each step's kernels started,
+/// were released by their PDL wait, and ended (`TlGuard` in common.cuh).
 struct Trace {
     level: u32,
     ev: [sys::CUevent; 2],
@@ -112,6 +105,20 @@ impl Drop for Trace {
     }
 }
 
+/// `SAMEPAGE_CUDA_TRACE=3`: managed memory for the timeline words (8 per op), reset
+/// before the 16th launch and printed after it.
+struct Timeline {
+    ptr: u64,
+    pending: bool,
+}
+
+impl Drop for Timeline {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `CudaOpGraph::new`; the graph synchronised its stream first.
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
 /// A decode step's staged per-token words (`stage`): the device buffer, what goes in it,
 /// and each step's slot map.
 struct Staged {
@@ -133,6 +140,7 @@ pub(crate) struct CudaOpGraph {
     steps: Vec<Step>,
     staged: Option<Staged>,
     trace: Option<Trace>,
+    timeline: Option<Timeline>,
     status: StatusWord,
     scratch: Scratch,
     captured: Option<Captured>,
@@ -167,7 +175,7 @@ impl CudaOpGraph {
                 .iter()
                 .map(|&s| match s {
                     Step::One(i) => stage::reads(&ops[i]),
-                    Step::Matvecs(..) | Step::MatvecsSwiglu(_) => Vec::new(),
+                    Step::Mv(_) => Vec::new(),
                     // rope_kv's slots: q.positions, k.positions, kv_store.pos.
                     Step::RopeKv(i) => [&ops[i], &ops[i + 1], &ops[i + 2]]
                         .into_iter()
@@ -189,11 +197,24 @@ impl CudaOpGraph {
         } else {
             None
         };
+        let trace = Trace::new();
+        let timeline = match trace.as_ref() {
+            Some(t) if t.level >= 3 => {
+                // SAFETY: a plain managed allocation, freed by `Timeline::drop`.
+                let ptr = unsafe {
+                    result::malloc_managed(64 * ops.len().max(1), sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL)
+                }
+                .map_err(|e| cuda_err("allocating the timeline", e))?;
+                Some(Timeline { ptr, pending: false })
+            }
+            _ => None,
+        };
         Ok(CudaOpGraph {
             inner,
             steps,
             staged,
-            trace: Trace::new(),
+            trace,
+            timeline,
             ops,
             status,
             scratch,
@@ -226,13 +247,16 @@ impl CudaOpGraph {
 
 impl CudaOpGraph {
     fn ctx(&self, base: u64, op: usize) -> KCtx {
-        KCtx::new(
-            base,
-            self.status.dev(),
-            self.scratch.ptr(),
-            self.scratch.counters(),
-            op as u32,
-        )
+        KCtx {
+            tl: self.timeline.as_ref().map_or(0, |t| t.ptr),
+            ..KCtx::new(
+                base,
+                self.status.dev(),
+                self.scratch.ptr(),
+                self.scratch.counters(),
+                op as u32,
+            )
+        }
     }
 
     /// The step's first launch: its per-token words to the device (`stage`), if any.
@@ -260,10 +284,9 @@ impl CudaOpGraph {
         let inner = &self.inner;
         let (first, ops) = match step {
             Step::One(i) => (i, &self.ops[i..i + 1]),
-            Step::Matvecs(i, len) => (i, &self.ops[i..i + len]),
+            Step::Mv(s) => (s.at, &self.ops[s.at..s.at + s.ops()]),
             Step::RopeKv(i) => (i + 2, &self.ops[i..i + 3]),
             Step::RopeKvAttn(i) => (i + 2, &self.ops[i..i + 4]),
-            Step::MatvecsSwiglu(i) => (i, &self.ops[i..i + 3]),
         };
         if !matches!(step, Step::One(_)) {
             crate::prefill::forget_x(); // (launch_op forgets it itself)
@@ -275,10 +298,86 @@ impl CudaOpGraph {
         }
         match step {
             Step::One(_) => exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0]),
-            Step::Matvecs(..) => exec::launch_matvec_group(&inner.kernels, &inner.stream, c, ops),
+            Step::Mv(s) => exec::launch_mv(&inner.kernels, &inner.stream, c, ops, s),
             Step::RopeKv(_) => exec::launch_rope_kv(&inner.kernels, &inner.stream, c, ops),
             Step::RopeKvAttn(_) => exec::launch_rope_kv_attn(&inner.kernels, &inner.stream, c, ops),
-            Step::MatvecsSwiglu(_) => exec::launch_matvecs_swiglu(&inner.kernels, &inner.stream, c, ops),
+        }
+    }
+
+    /// A step's name in traces: the op, or what was fused.
+    fn step_name(&self, step: Step) -> String {
+        match step {
+            Step::One(i) => match self.ops[i] {
+                Op::Matmul(m) => format!("matvec m={} k={}", m.m, m.k),
+                ref op => op.name().to_string(),
+            },
+            Step::Mv(s) => match self.ops[s.at + s.norm as usize] {
+                Op::Matmul(m) => format!(
+                    "{}matvec x{}{} k={} m0={}",
+                    if s.norm { "rmsnorm+" } else { "" },
+                    s.len,
+                    if s.swiglu { "+swiglu" } else { "" },
+                    m.k,
+                    m.m
+                ),
+                _ => "matvecs".into(),
+            },
+            Step::RopeKv(_) => "rope+rope+kv_store".into(),
+            Step::RopeKvAttn(_) => "rope+rope+kv_store+attention".into(),
+        }
+    }
+
+    /// The op index a step's kernels carry (`KCtx::op`, the timeline's slot).
+    fn step_op(step: Step) -> usize {
+        match step {
+            Step::One(i) | Step::Mv(exec::MvStep { at: i, .. }) => i,
+            Step::RopeKv(i) | Step::RopeKvAttn(i) => i + 2,
+        }
+    }
+
+    /// Trace level 3: the timeline of the launch that just finished (`TlGuard` in
+    /// common.cuh), one line per step, times in us from the first kernel's start.
+    fn print_timeline(&self, tl: &Timeline) {
+        // SAFETY: managed memory of 8 words per op, the stream synchronised.
+        let w = unsafe { std::slice::from_raw_parts(tl.ptr as *const u64, 8 * self.ops.len()) };
+        let t0 = w.chunks(8).map(|c| c[0]).min().unwrap_or(0);
+        let us = |t: u64| {
+            if t == u64::MAX || t == 0 {
+                f64::NAN
+            } else {
+                (t - t0) as f64 / 1e3
+            }
+        };
+        eprintln!("cuda timeline (us): step, start, wait released first..last, end, end - prev end; name");
+        let mut prev_end = 0.0;
+        let mut by: Vec<(String, f64, u32)> = Vec::new();
+        for (j, &step) in self.steps.iter().enumerate() {
+            let o = Self::step_op(step);
+            let c = &w[8 * o..8 * o + 8];
+            let (st, w0, w1, en) = (us(c[0]), us(c[1]), us(c[2]), us(c[3]));
+            let name = self.step_name(step);
+            let marks: String = c[4..]
+                .iter()
+                .filter(|&&m| m != 0)
+                .map(|&m| format!(" m{:.2}", us(m)))
+                .collect();
+            eprintln!(
+                "  {j:>3} {st:>9.2} {w0:>9.2}..{w1:<9.2} {en:>9.2} {:>7.2}  {name}{marks}",
+                en - prev_end
+            );
+            match by.iter_mut().find(|b| b.0 == name) {
+                Some(b) => {
+                    b.1 += en - prev_end;
+                    b.2 += 1
+                }
+                None => by.push((name, en - prev_end, 1)),
+            }
+            prev_end = en;
+        }
+        by.sort_by(|a, b| b.1.total_cmp(&a.1));
+        eprintln!("cuda timeline by step kind (end - previous end, summed): total {prev_end:.1} us");
+        for (name, t, n) in by {
+            eprintln!("  {t:>8.1} us  {n:>4} x  {name}");
         }
     }
 
@@ -313,19 +412,7 @@ impl CudaOpGraph {
             for (j, &step) in self.steps.iter().enumerate() {
                 // SAFETY: both events completed (the stream was synchronised).
                 let ms = unsafe { result::event::elapsed(evs[j], evs[j + 1]) }.unwrap_or(0.0) as f64;
-                let name = match step {
-                    Step::One(i) => match self.ops[i] {
-                        Op::Matmul(m) => format!("matvec m={} k={}", m.m, m.k),
-                        ref op => op.name().to_string(),
-                    },
-                    Step::Matvecs(i, len) => match self.ops[i] {
-                        Op::Matmul(m) => format!("matvecs x{len} k={} m0={}", m.k, m.m),
-                        _ => "matvecs".into(),
-                    },
-                    Step::RopeKv(_) => "rope+rope+kv_store".into(),
-                    Step::RopeKvAttn(_) => "rope+rope+kv_store+attention".into(),
-                    Step::MatvecsSwiglu(_) => "gate+up+swiglu".into(),
-                };
+                let name = self.step_name(step);
                 total += ms;
                 match by.iter_mut().find(|b| b.0 == name) {
                     Some(b) => {
@@ -383,7 +470,7 @@ impl Graph for CudaOpGraph {
                 t.sums[4] += t_enter.duration_since(prev).as_secs_f64();
             }
             t.launch_start = Some(t_enter);
-            if t.level >= 2 && !t.profiled && t.count == 16 {
+            if t.level == 2 && !t.profiled && t.count == 16 {
                 t.profiled = true;
                 self.profile_steps(base)?;
                 self.in_flight = true;
@@ -391,6 +478,14 @@ impl Graph for CudaOpGraph {
             }
             // SAFETY: our events, our stream.
             let _ = unsafe { result::event::record(t.ev[0], inner.stream.cu_stream()) };
+            if let Some(tl) = self.timeline.as_mut().filter(|_| t.count == 16) {
+                // SAFETY: managed memory of 8 words per op; the GPU is idle (waited).
+                let w = unsafe { std::slice::from_raw_parts_mut(tl.ptr as *mut u64, 8 * self.ops.len()) };
+                for c in w.chunks_mut(8) {
+                    c.copy_from_slice(&[u64::MAX, u64::MAX, 0, 0, 0, 0, 0, 0]);
+                }
+                tl.pending = true;
+            }
         }
         let c = self.captured.as_ref().expect("captured above");
         c.graph.launch().map_err(|e| cuda_err("launching the graph", e))?;
@@ -413,6 +508,12 @@ impl Graph for CudaOpGraph {
             .stream
             .synchronize()
             .map_err(|e| cuda_err("synchronize", e))?;
+        if let Some(tl) = self.timeline.as_ref().filter(|t| t.pending) {
+            self.print_timeline(tl);
+        }
+        if let Some(tl) = self.timeline.as_mut() {
+            tl.pending = false;
+        }
         if let Some(t) = self.trace.as_mut() {
             let now = Instant::now();
             t.sums[2] += now.duration_since(t0).as_secs_f64();
@@ -512,11 +613,92 @@ mod tests {
     #[test]
     fn plan_pairs_gate_up_swiglu_only_when_safe() {
         for out in [1 << 21, 1 << 22, 1 << 23] {
-            assert!(matches!(plan(&gate_up_swiglu(out))[..], [Step::MatvecsSwiglu(0)]));
+            let want = exec::MvStep {
+                at: 0,
+                norm: false,
+                len: 2,
+                swiglu: true,
+                w_fixed: true,
+            };
+            assert!(matches!(plan(&gate_up_swiglu(out))[..], [Step::Mv(s)] if s == want));
         }
         assert!(matches!(
             plan(&gate_up_swiglu(1 << 20))[..],
-            [Step::Matvecs(0, 2), Step::One(2)]
+            [
+                Step::Mv(exec::MvStep {
+                    len: 2,
+                    swiglu: false,
+                    ..
+                }),
+                Step::One(2)
+            ]
+        ));
+    }
+
+    /// An rmsnorm joins the matvecs that read its output, but not in place; a W that an
+    /// op of the graph writes is not fixed (the pipelined kernel must not read it early).
+    #[test]
+    fn plan_fuses_rmsnorm_and_marks_written_weights() {
+        let norm = |x, out| {
+            Op::RmsNorm(abi::RmsNorm {
+                x,
+                weight: 3 << 20,
+                out,
+                n: 1,
+                dim: 32,
+                eps: 1e-5,
+            })
+        };
+        let mut ops = vec![norm(5 << 20, 1 << 20)];
+        ops.extend(gate_up_swiglu(1 << 21));
+        let want = exec::MvStep {
+            at: 0,
+            norm: true,
+            len: 2,
+            swiglu: true,
+            w_fixed: true,
+        };
+        assert!(matches!(plan(&ops)[..], [Step::Mv(s)] if s == want));
+        // At the end of the list (the output head).
+        assert!(matches!(
+            plan(&ops[..2])[..],
+            [Step::Mv(exec::MvStep {
+                norm: true,
+                len: 1,
+                swiglu: false,
+                ..
+            })]
+        ));
+        ops[0] = norm(1 << 20, 1 << 20);
+        assert!(matches!(
+            plan(&ops)[..],
+            [
+                Step::One(0),
+                Step::Mv(exec::MvStep {
+                    at: 1,
+                    norm: false,
+                    swiglu: true,
+                    ..
+                })
+            ]
+        ));
+        ops[0] = norm(5 << 20, 1 << 20);
+        ops.push(Op::Scale(abi::Scale {
+            x: 1 << 23,
+            out: 0,
+            len: 4,
+            scale: 1.0,
+        }));
+        assert!(matches!(
+            plan(&ops)[..],
+            [
+                Step::Mv(exec::MvStep {
+                    norm: true,
+                    w_fixed: false,
+                    ..
+                }),
+                Step::One(4)
+            ]
         ));
     }
 

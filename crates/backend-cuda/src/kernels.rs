@@ -11,6 +11,7 @@ pub const SOURCE: &str = concat!(
     include_str!("cu/quant.cuh"),
     include_str!("cu/ops.cu"),
     include_str!("cu/matmul.cu"),
+    include_str!("cu/mvp.cu"),
     include_str!("cu/attention.cu"),
     include_str!("cu/sample.cu"),
     include_str!("cu/gemm.cu"),
@@ -89,6 +90,9 @@ fn ptx_for(arch: &'static str, fresh: bool) -> Result<String, String> {
     r
 }
 
+/// Most stages in flight per block of the pipelined matvec (`MVP_SMAX` in cu/mvp.cu).
+pub const MVP_SMAX: u32 = 6;
+
 static PDL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether kernels are launched with programmatic dependent launch: on sm_90 and newer,
@@ -127,6 +131,15 @@ pub struct Kernels {
     pub matvecs: Vec<CudaFunction>,
     /// `mvs_<f32|f16|bf16>`: the streaming dense matvec (`exec::stream_plan`), by dtype code.
     pub mvs: Vec<CudaFunction>,
+    /// `mvp_<f16|bf16>_<J>` (cu/mvp.cu), at `8 * (dtype is bf16) + J - 1`, with
+    /// `mvp_smem` of dynamic shared memory granted; empty below sm_90 (bulk copies),
+    /// `None` where the device refused the shared memory.
+    pub mvp: Vec<Option<CudaFunction>>,
+    /// The dynamic shared memory granted to each `mvp` kernel (the device's opt-in
+    /// maximum per block).
+    pub mvp_smem: u32,
+    /// The dynamic shared memory an `mvp` block may use for two to fit on one SM.
+    pub mvp_smem_pair: u32,
     /// Multiprocessors of the device.
     pub sms: u32,
     /// Prefill GEMM helpers (cu/gemm.cu): x to f16 / bf16 scratch.
@@ -163,10 +176,31 @@ impl Kernels {
         };
         // A cached PTX the driver refuses is compiled again and replaced.
         let module = load(false).or_else(|_| load(true))?;
+        let carveout = carveout();
+        // Less the 1 KiB the driver keeps per block and the kernel's static 256 bytes.
+        let mvp_smem = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_or(0, |v| v.max(0) as u32)
+            .saturating_sub(1024);
+        // Half an SM's shared memory, less the driver's 1 KiB and the static 256 bytes.
+        let mvp_smem_pair = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
+            .map_or(0, |v| v.max(0) as u32 / 2)
+            .saturating_sub(1024 + 256);
         let f = |name: &str| -> Result<CudaFunction, String> {
-            module
+            let func = module
                 .load_function(name)
-                .map_err(|e: DriverError| format!("kernel {name}: {e:?}"))
+                .map_err(|e: DriverError| format!("kernel {name}: {e:?}"))?;
+            if let Some(pct) = carveout {
+                // A preference only: a device that cannot honour it runs the kernel anyway.
+                let _ = func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    pct,
+                );
+            }
+            Ok(func)
         };
         Ok(Kernels {
             embed: f("embed")?,
@@ -201,6 +235,20 @@ impl Kernels {
                 .iter()
                 .map(|s| f(&format!("mvs_{s}")))
                 .collect::<Result<_, _>>()?,
+            mvp_smem,
+            mvp_smem_pair,
+            mvp: if major >= 9 {
+                ["f16", "bf16"]
+                    .iter()
+                    .flat_map(|d| (1..=8u32).map(move |j| (d, j)))
+                    .map(|(d, j)| {
+                        let func = f(&format!("mvp_{d}_{j}"))?;
+                        Ok(grant_smem(&func, mvp_smem).then_some(func))
+                    })
+                    .collect::<Result<_, String>>()?
+            } else {
+                Vec::new()
+            },
             sms: ctx
                 .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| format!("multiprocessor count: {e:?}"))? as u32,
@@ -236,6 +284,23 @@ impl Kernels {
             },
             blas: None,
         })
+    }
+}
+
+/// The shared-memory carveout every kernel asks for, in percent of the unified L1/shared
+/// memory (`SAMEPAGE_CUDA_CARVEOUT`, default 100; `-1`: no preference). One setting for
+/// all kernels, so an SM never drains to change its split between kernels of a decode
+/// step: the pipelined matvec needs ~100 KiB of shared memory, the small kernels between
+/// matvecs almost none, and with their own preferences each switch cost microseconds and
+/// kept the next kernel's blocks from starting early (PDL).
+fn carveout() -> Option<i32> {
+    match std::env::var("SAMEPAGE_CUDA_CARVEOUT")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        Some(p) if (0..=100).contains(&p) => Some(p),
+        Some(_) => None,
+        None => Some(100),
     }
 }
 

@@ -48,6 +48,18 @@ pub fn copy_calls() -> u64 {
     COPY_CALLS.load(Ordering::Relaxed)
 }
 
+static PIPELINED: AtomicU64 = AtomicU64::new(0);
+
+/// How many launches of the pipelined decode matvec (`exec::launch_mv`: rmsnorm and
+/// swiglu fused, W streamed before the previous kernel ends) were recorded into graphs.
+pub fn pipelined_matvecs() -> u64 {
+    PIPELINED.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_pipelined() {
+    PIPELINED.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Count one explicit copy. Any future code path that must copy calls this first.
 #[allow(dead_code)]
 pub(crate) fn count_copy() {
@@ -216,6 +228,12 @@ impl CudaBackend {
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn device_name(&self) -> String {
         self.inner.ctx.name().unwrap_or_else(|_| "unknown CUDA device".into())
+    }
+
+    /// Whether the pipelined decode matvec is available (sm_80 and newer, unless
+    /// `SAMEPAGE_CUDA_MVP=0`).
+    pub fn has_pipelined_matvec(&self) -> bool {
+        self.inner.kernels.mvp.iter().any(|f| f.is_some()) && std::env::var("SAMEPAGE_CUDA_MVP").as_deref() != Ok("0")
     }
 
     pub fn memory_mode(&self) -> MemoryMode {

@@ -14,14 +14,16 @@ typedef signed char i8;
 // writes are visible; then it lets the next kernel start launching (its blocks wait the
 // same way). Without the launch attribute both instructions are no-ops.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_ENTER() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT_ONLY() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT_ONLY() do {} while (0)
+#define PDL_TRIGGER() do {} while (0)
+#endif
+#define PDL_ENTER() TlGuard tl_guard_(c); PDL_WAIT_ONLY(); tl_guard_.waited(); PDL_TRIGGER()
 // The wait alone: the next kernel launches only as this one's blocks exit. For grids of
 // many waves (prefill GEMMs), where early-launched waiting blocks would hold SM slots.
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#else
-#define PDL_ENTER() do {} while (0)
-#define PDL_WAIT() do {} while (0)
-#endif
+#define PDL_WAIT() TlGuard tl_guard_(c); PDL_WAIT_ONLY(); tl_guard_.waited()
 
 struct Ctx {
     u8* base;       // the region: guest offset 0
@@ -33,6 +35,38 @@ struct Ctx {
     u32* tok;       // per-token words staged on the device (stage.rs), or null
     u32 tmap;       // byte s: index in tok of the op's s-th per-token word; 0xff: read the region
     u32 pad_;
+    u64* tl;        // SAMEPAGE_CUDA_TRACE=3: the decode step's timeline (TlGuard), or null
+};
+
+__device__ __forceinline__ u64 gtime() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// The timeline of one launch (graph.rs, SAMEPAGE_CUDA_TRACE=3): per op index, the first
+// block's start, the first and last release from the PDL wait, the last block's end, and
+// up to 4 kernel-specific marks (ns, each block's thread 0; 8 words). A no-op unless the
+// context carries a timeline.
+struct TlGuard {
+    u64* p;
+    __device__ TlGuard(const Ctx& c) : p(c.tl ? c.tl + 8ull * c.op : (u64*)0) {
+        if (p && threadIdx.x == 0) atomicMin(p, gtime());
+    }
+    __device__ void waited() const {
+        if (p && threadIdx.x == 0) {
+            const u64 t = gtime();
+            atomicMin(p + 1, t);
+            atomicMax(p + 2, t);
+        }
+    }
+    // Kernel-specific marks 4..7 (the latest over blocks).
+    __device__ void mark(u32 i) const {
+        if (p && threadIdx.x == 0) atomicMax(p + i, gtime());
+    }
+    __device__ ~TlGuard() {
+        if (p && threadIdx.x == 0) atomicMax(p + 3, gtime());
+    }
 };
 
 // The op's `slot`-th per-token word (a position, a token id) at region offset `off`: the

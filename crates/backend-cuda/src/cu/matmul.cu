@@ -2,11 +2,13 @@
 // n == 1 (decode) is memory-bound: a warp per row, 16-byte loads, several in flight.
 // n > 1 (prefill) uses a shared-memory tiled kernel.
 
-__device__ __forceinline__ void store_out(const Ctx& c, const Matmul& mm, u32 token, u32 row, float v) {
+// Writes (and returns) the output element: bias added, accumulated into out if asked.
+__device__ __forceinline__ float store_out(const Ctx& c, const Matmul& mm, u32 token, u32 row, float v) {
     if (mm.flags & MATMUL_BIAS) v += at<float>(c, mm.bias)[row];
     float* o = at<float>(c, mm.out) + (u64)token * mm.m + row;
     if (mm.flags & MATMUL_ACCUMULATE) v += *o;
     *o = v;
+    return v;
 }
 
 // 8 activations from x (aligned: two float4 loads).

@@ -1,0 +1,265 @@
+// Pipelined dense matvec for decode steps ("mvp", exec.rs `mvp_plan`; sm_90): n == 1,
+// f16/bf16 W with 16-byte aligned rows, k = 256 * J * P (J <= 8 chunks of 8 elements per
+// lane and part, P <= 8 parts per row). A block of 8 warps per SM (sized so that two fit:
+// the next launch's block starts its stream while this one ends); the launch's virtual
+// rows (up to 3 matrices over one x, concatenated; or gate/up paired) are cut into
+// stages of R = 8 / P rows, and block b takes stages b, b + G, ... (all blocks sweep W
+// front to back together). A stage is copied from HBM into shared memory by one thread
+// with bulk copies (TMA, `cp.async.bulk`: one per run of rows of one matrix), completing
+// on the buffer's mbarrier; `stages` buffers are in flight. Each warp then takes one part
+// of one row of the stage (256 J elements) and the parts' sums meet in shared memory.
+//
+// The point is what happens before `griddepcontrol.wait`. No op of the graph writes W
+// (checked on the host), so a block issues its first stages while the kernels before it
+// still run, and lets its own dependents launch at once: the weight stream overlaps the
+// latency-bound small kernels between matvecs and the previous matvec's tail.
+//
+// After the wait each warp loads its part of x into registers (the columns its lanes
+// read in every stage). With `norm`, x is the rmsnorm's input and the registers hold
+// rmsnorm(x) * weight: every block recomputes the sum of squares (k floats from L2), and
+// the normalised row is also written to the rmsnorm's out, each 8-float chunk by one
+// block. With `pair`, a stage holds R / 2 gate rows, then the same R / 2 up rows; the
+// block writes both outputs and silu(g) * u to sw_out[j] (which may be gate's or up's
+// out: the same thread writes both, in order).
+#define MVP_SMAX 6
+struct MvPipe {
+    Matmul m[3];
+    u32 count, rend[3];
+    u32 P, R, stages, pair, sw_out;
+    u32 norm, nx, nw, nout;
+    float eps;
+    u32 pre;  // rows per block with a bias or an accumulated output: read at the start
+    u32 early; // stages issued before the PDL wait (the rest right after x is read)
+};
+
+// Stage position t (0 .. R) of the stage starting at virtual row v0: its matrix and row,
+// or false past the end (pairs: R / 2 gate rows, then the same up rows).
+__device__ __forceinline__ bool mvp_pos(const MvPipe& g, u32 N, u32 v0, u32 t, u32& mi, u32& row) {
+    if (g.pair) {
+        const u32 h = g.R / 2, j = v0 / 2 + (t < h ? t : t - h);
+        mi = t < h ? 0u : 1u;
+        row = j;
+        return v0 + 2 * (t < h ? t : t - h) < N;
+    }
+    const u32 v = v0 + t;
+    if (v >= N) return false;
+    mi = 0;
+    while (mi + 1 < g.count && v >= g.rend[mi]) mi++;
+    row = v - (mi ? g.rend[mi - 1] : 0u);
+    return true;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mvp_bulk(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mvp_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mvp_wait_bar(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done)
+        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+#endif
+
+template <u32 DT>
+__device__ __forceinline__ float mvp_dot8(const uint4& w, const float* x, float acc) {
+    const u32 p[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const u16 lo = p[e] & 0xFFFF, hi = p[e] >> 16;
+        const float w0 = DT == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+        const float w1 = DT == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+        acc = fmaf(w0, x[2 * e], acc);
+        acc = fmaf(w1, x[2 * e + 1], acc);
+    }
+    return acc;
+}
+
+template <u32 DT, u32 J>
+__device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) u8 mvp_smem[];
+    __shared__ __align__(8) u64 bars[MVP_SMAX];
+    __shared__ float red[8], part[2][8];
+    constexpr u32 L = 256 * J; // elements of a part
+    const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const u32 P = g.P, R = g.R, NS = g.stages, RP = R * P;
+    const u32 k = g.m[0].k, rb = k * 2, SB = R * rb;
+    const u32 N = g.rend[g.count - 1], T = (N + R - 1) / R, G = gridDim.x;
+    const u32 nst = blockIdx.x < T ? (T - blockIdx.x + G - 1) / G : 0u;
+    const u32 sbase = (u32)__cvta_generic_to_shared(mvp_smem);
+    const u32 bbase = (u32)__cvta_generic_to_shared(bars);
+    TlGuard tl_guard_(c);
+    PDL_TRIGGER();
+    // Stage s (thread 0) into buffer s % NS: one bulk copy per run of rows of one matrix.
+    auto issue = [&](u32 s) {
+        if (s >= nst) return;
+        const u32 buf = s % NS, bar = bbase + 8 * buf, dst = sbase + buf * SB;
+        const u32 v0 = (s * G + blockIdx.x) * R;
+        if (g.pair) {
+            const u32 j0 = v0 / 2, h = min(R / 2, (N - v0) / 2); // N, v0 even
+            mvp_expect(bar, 2 * h * rb);
+            mvp_bulk(dst, c.base + g.m[0].w + (u64)j0 * rb, h * rb, bar);
+            mvp_bulk(dst + (R / 2) * rb, c.base + g.m[1].w + (u64)j0 * rb, h * rb, bar);
+            return;
+        }
+        const u32 v1 = min(v0 + R, N);
+        mvp_expect(bar, (v1 - v0) * rb);
+        u32 v = v0, at = dst;
+        for (u32 mi = 0; mi < g.count && v < v1; mi++) {
+            const u32 lo = mi ? g.rend[mi - 1] : 0u, hi = g.rend[mi];
+            if (v >= hi) continue;
+            const u32 e = min(v1, hi);
+            mvp_bulk(at, c.base + g.m[mi].w + (u64)(v - lo) * rb, (e - v) * rb, bar);
+            at += (e - v) * rb;
+            v = e;
+        }
+    };
+    if (tid == 0) {
+        for (u32 i = 0; i < NS; i++)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bbase + 8 * i) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (u32 s = 0; s < min(NS, g.early); s++) issue(s);
+    }
+    __syncthreads(); // the barriers are initialised before anyone waits on them
+    PDL_WAIT_ONLY();
+    tl_guard_.waited();
+
+    // x (or rmsnorm(x) * weight) at this warp's columns: part p = warp % P. The block
+    // first copies x (and the norm weight) into shared memory with coalesced loads, once:
+    // read by every warp straight from L2, the few lines of x were a hot spot that
+    // 132 x 8 warps queued on (4 us for x, 12 with the weight, on an H100).
+    const u32 p = warp % P;
+    float* xs = (float*)(mvp_smem + NS * SB);
+    float* ws = xs + k;
+    // Bias + the accumulated outputs' old values of the block's rows (`pre` > 0), read
+    // now with x rather than one round trip per stage in the epilogue.
+    float* prev = ws + (g.norm ? k : 0u);
+    {
+        const float4* x4 = (const float4*)at<float>(c, g.norm ? g.nx : g.m[0].x);
+        const float4* w4 = (const float4*)at<float>(c, g.nw);
+        for (u32 i = tid; i < k / 4; i += 256) {
+            ((float4*)xs)[i] = __ldcg(x4 + i);
+            if (g.norm) ((float4*)ws)[i] = __ldcg(w4 + i);
+        }
+        if (g.pre)
+            for (u32 i = tid; i < nst * R; i += 256) {
+                u32 mi, row;
+                float v = 0.0f;
+                if (mvp_pos(g, N, ((i / R) * G + blockIdx.x) * R, i % R, mi, row)) {
+                    const Matmul& mm = g.m[mi];
+                    if (mm.flags & MATMUL_BIAS) v += __ldcg(at<float>(c, mm.bias) + row);
+                    if (mm.flags & MATMUL_ACCUMULATE) v += __ldcg(at<float>(c, mm.out) + row);
+                }
+                prev[i] = v;
+            }
+    }
+    __syncthreads();
+    if (tid == 0)
+        for (u32 s = g.early; s < NS; s++) issue(s);
+    float xr[J][8];
+#pragma unroll
+    for (u32 j = 0; j < J; j++) {
+        const u32 col = p * L + (j * 32 + lane) * 8;
+        const float4 a = *(const float4*)(xs + col), b = *((const float4*)(xs + col) + 1);
+        xr[j][0] = a.x; xr[j][1] = a.y; xr[j][2] = a.z; xr[j][3] = a.w;
+        xr[j][4] = b.x; xr[j][5] = b.y; xr[j][6] = b.z; xr[j][7] = b.w;
+    }
+    if (g.norm) {
+        float ss[J];
+#pragma unroll
+        for (u32 j = 0; j < J; j++) {
+            ss[j] = 0.0f;
+#pragma unroll
+            for (u32 e = 0; e < 8; e++) ss[j] = fmaf(xr[j][e], xr[j][e], ss[j]);
+        }
+        float st = 0.0f;
+#pragma unroll
+        for (u32 j = 0; j < J; j++) st += ss[j];
+        st = warp_sum(st);
+        if (lane == 0) red[warp] = st;
+        __syncthreads();
+        float t = 0.0f;
+        for (u32 q = 0; q < P; q++) t += red[q]; // warps 0 .. P - 1 hold parts 0 .. P - 1
+        const float inv = 1.0f / sqrtf(t / (float)k + g.eps);
+        float* no = at<float>(c, g.nout);
+#pragma unroll
+        for (u32 j = 0; j < J; j++) {
+            const u32 col = p * L + (j * 32 + lane) * 8;
+            const float4 wa = *(const float4*)(ws + col), wb = *((const float4*)(ws + col) + 1);
+            const float w[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+            for (u32 e = 0; e < 8; e++) xr[j][e] = xr[j][e] * inv * w[e];
+            // Segment (p, j) of the row (256 elements) is written by block p * J + j
+            // (the host launches at least J * P blocks), by warp p.
+            if (warp == p && p * J + j == blockIdx.x) {
+                *(float4*)(no + col) = make_float4(xr[j][0], xr[j][1], xr[j][2], xr[j][3]);
+                *((float4*)(no + col) + 1) = make_float4(xr[j][4], xr[j][5], xr[j][6], xr[j][7]);
+            }
+        }
+    }
+
+    if (warp == 0) tl_guard_.mark(4);
+    for (u32 s = 0; s < nst; s++) {
+        const u32 buf = s % NS;
+        if (warp < RP) {
+            mvp_wait_bar(bbase + 8 * buf, (s / NS) & 1);
+            if (s == 0 && warp == 0) tl_guard_.mark(5);
+            // Part `warp` of the stage: row warp / P, part warp % P (= p).
+            const uint4* w = (const uint4*)(mvp_smem + buf * SB + (warp / P) * rb + p * L * 2) + lane;
+            // Loads four at a time, each feeding its own chain of 8 FMAs (registers: two
+            // blocks of 256 threads share an SM, 128 a thread).
+            float acc = 0.0f;
+#pragma unroll
+            for (u32 j0 = 0; j0 < J; j0 += 4) {
+                uint4 wr[4];
+#pragma unroll
+                for (u32 j = 0; j < 4; j++)
+                    if (j0 + j < J) wr[j] = w[(j0 + j) * 32];
+                float accj[4];
+#pragma unroll
+                for (u32 j = 0; j < 4; j++) accj[j] = j0 + j < J ? mvp_dot8<DT>(wr[j], xr[j0 + j], 0.0f) : 0.0f;
+                acc += (accj[0] + accj[1]) + (accj[2] + accj[3]);
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) part[s & 1][warp] = acc;
+        }
+        __syncthreads(); // every warp is done with this buffer; the parts are in
+        if (tid == 0) issue(s + NS);
+        const float* pt = part[s & 1];
+        const u32 v0 = (s * G + blockIdx.x) * R;
+        const float* pv = prev + s * R;
+        u32 mi, row;
+        if (!g.pair) {
+            if (tid < R && mvp_pos(g, N, v0, tid, mi, row)) {
+                float a = g.pre ? pv[tid] : 0.0f;
+                for (u32 q = 0; q < P; q++) a += pt[tid * P + q];
+                at<float>(c, g.m[mi].out)[row] = a;
+            }
+        } else if (tid < R / 2 && mvp_pos(g, N, v0, tid, mi, row)) {
+            const u32 h = R / 2;
+            float a = g.pre ? pv[tid] : 0.0f, b = g.pre ? pv[tid + h] : 0.0f;
+            for (u32 q = 0; q < P; q++) {
+                a += pt[tid * P + q];
+                b += pt[(tid + h) * P + q];
+            }
+            at<float>(c, g.m[0].out)[row] = a;
+            at<float>(c, g.m[1].out)[row] = b;
+            at<float>(c, g.sw_out)[row] = a / (1.0f + expf(-a)) * b;
+        }
+        if (s + 1 == nst && tid == 0) tl_guard_.mark(6);
+    }
+#endif
+}
+
+#define MVP_KERNEL(NAME, DT, J) \
+    extern "C" __global__ void __launch_bounds__(256, 2) mvp_##NAME##_##J(const Ctx c, const MvPipe g) { mvp_body<DT, J>(c, g); }
+#define MVP_KERNELS(NAME, DT) \
+    MVP_KERNEL(NAME, DT, 1) MVP_KERNEL(NAME, DT, 2) MVP_KERNEL(NAME, DT, 3) MVP_KERNEL(NAME, DT, 4) \
+    MVP_KERNEL(NAME, DT, 5) MVP_KERNEL(NAME, DT, 6) MVP_KERNEL(NAME, DT, 7) MVP_KERNEL(NAME, DT, 8)
+MVP_KERNELS(f16, DT_F16)
+MVP_KERNELS(bf16, DT_BF16)
