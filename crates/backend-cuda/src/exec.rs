@@ -784,7 +784,7 @@ pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops
         };
         let (aux, nblk) = matvec_aux(c.base, &m, rows, k.sms);
         g.m[i] = m;
-        g.aux[i] = aux | prefetch_bit();
+        g.aux[i] = aux | prefetch_bit() | early_bit(m.dtype);
         blocks += nblk;
         g.end[i] = u32::try_from(blocks).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
     }
@@ -1067,6 +1067,7 @@ pub(crate) fn launch_mv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op], s
         launch_op(k, stream, c, &ops[0])?;
         c1.op += 1;
     }
+    let _early = EarlyScope::new(s.w_fixed);
     let mv = &ops[off..];
     if s.swiglu {
         launch_matvecs_swiglu(k, stream, c1, &mv[..3])
@@ -1107,6 +1108,41 @@ thread_local! {
 /// (where the block starts before the previous kernel ends), with
 /// `SAMEPAGE_CUDA_PREFETCH=1`. Off by default: measured 4-5% slower bf16 decode on both an
 /// H100 (tg128 668-672 vs 701-703 tok/s) and an H200 (762-773 vs 806).
+/// `MV_EARLY` (matmul.cu) for a quantized single-token matvec launched now: in a PDL
+/// capture, inside an [`EarlyScope`] (a matvec step whose W no op of the graph writes),
+/// unless `SAMEPAGE_CUDA_QMV_EARLY=0`.
+fn early_bit(dtype: u32) -> u32 {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_QMV_EARLY").as_deref() != Ok("0"));
+    let quant = DType::from_u32(dtype).is_some_and(|d| !matches!(d, DType::F32 | DType::F16 | DType::BF16));
+    if on && quant && crate::kernels::pdl() && PDL_NOW.with(|p| p.get()) && EARLY_NOW.with(|p| p.get()) {
+        512
+    } else {
+        0
+    }
+}
+
+thread_local! {
+    /// Set while enqueueing the parts of a matvec step whose W is fixed (`launch_mv`).
+    static EARLY_NOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Quantized matvecs enqueued while this lives (on this thread) may read W before their
+/// PDL wait (`early_bit`), if `on`.
+struct EarlyScope(bool);
+
+impl EarlyScope {
+    fn new(on: bool) -> EarlyScope {
+        EarlyScope(EARLY_NOW.with(|p| p.replace(on)))
+    }
+}
+
+impl Drop for EarlyScope {
+    fn drop(&mut self) {
+        EARLY_NOW.with(|p| p.set(self.0));
+    }
+}
+
 fn prefetch_bit() -> u32 {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_PREFETCH").as_deref() == Ok("1"));
@@ -1218,7 +1254,7 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
                     return Ok(());
                 }
                 let (aux, blocks) = matvec_aux(c.base, &m, m.m as u64, k.sms);
-                c.aux = aux | prefetch_bit();
+                c.aux = aux | prefetch_bit() | early_bit(m.dtype);
                 go(stream, &k.matvec[m.dtype as usize], c, m, cfg(blocks, 256)?, "matvec")
             } else {
                 // Prefill: tensor cores through cuBLAS (see `prefill`), else the tiled kernel.

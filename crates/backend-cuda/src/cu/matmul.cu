@@ -11,6 +11,11 @@ __device__ __forceinline__ float store_out(const Ctx& c, const Matmul& mm, u32 t
     return v;
 }
 
+// aux bit 9 (quantized only; the host sets it where no op of the graph writes W): the
+// block waits on the previous kernel (PDL) only after its warps' first two chunks of W
+// are in flight (`gemv_quant`), as the pipelined dense matvec issues its first stage.
+#define MV_EARLY 512u
+
 // 8 activations from x (aligned: two float4 loads).
 __device__ __forceinline__ void load_x8(const float* x, float* xs, bool xa) {
     if (xa) {
@@ -292,7 +297,7 @@ __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint
 }
 
 template <u32 DT>
-__device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u32 bx) {
+__device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u32 bx, const TlGuard& tg) {
     constexpr u32 CB = QChunk<DT>::CB, BB = blk_bytes(DT), BE = blk_elems(DT), UPB = QUnit<DT>::PER_BLOCK;
     constexpr u32 CHUNK = CB * BB, CE = CB * BE, CPW = QKW / CE, QREG = (CHUNK / 16 + 31) / 32;
     __shared__ __align__(16) u8 stage[8][CHUNK + 16];
@@ -339,6 +344,11 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
         advance(pre);
         fetch(rc, pre);
         advance(pre);
+        if (win == 0 && (c.aux & MV_EARLY)) { // W's first chunks are in flight: now wait
+            PDL_WAIT_ONLY();
+            tg.waited();
+            PDL_TRIGGER();
+        }
         if (win) __syncthreads(); // every warp is done with the previous window's x
         quantize_x(at<float>(c, mm.x) + (u64)win * QKW, xa, kw, xq, xd, xs);
         __syncthreads();
@@ -463,8 +473,9 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
 #define MATMUL_KERNELS(NAME, DT, GEMV)                                                   \
     extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { \
         const u32 bx = blockIdx.x;                                                       \
+        TlGuard tl_guard_(c);                                                            \
         matvec_prefetch(c, mm, DT, bx);                                                  \
-        PDL_ENTER();                                                                     \
+        if (!(c.aux & MV_EARLY)) { PDL_WAIT_ONLY(); tl_guard_.waited(); PDL_TRIGGER(); } \
         GEMV;                                                                            \
     }                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) matvecs_##NAME(const Ctx c0, const MatvecGroup g) { \
@@ -474,8 +485,9 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
         Ctx c = c0;                                                                      \
         c.aux = g.aux[i];                                                                \
         const Matmul mm = g.m[i];                                                        \
+        TlGuard tl_guard_(c);                                                            \
         matvec_prefetch(c, mm, DT, bx);                                                  \
-        PDL_ENTER();                                                                     \
+        if (!(c.aux & MV_EARLY)) { PDL_WAIT_ONLY(); tl_guard_.waited(); PDL_TRIGGER(); } \
         GEMV;                                                                            \
     }                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) matmul_##NAME(const Ctx c, const Matmul mm) { PDL_WAIT(); \
@@ -484,10 +496,10 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
 MATMUL_KERNELS(f32, DT_F32, gemv_dense<DT_F32>(c, mm, c.aux & 1, bx))
 MATMUL_KERNELS(f16, DT_F16, gemv_dense<DT_F16>(c, mm, c.aux & 1, bx))
 MATMUL_KERNELS(bf16, DT_BF16, gemv_dense<DT_BF16>(c, mm, c.aux & 1, bx))
-MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2, bx))
-MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2, bx))
-MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2, bx))
-MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2, bx))
-MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2, bx))
-MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2, bx))
-MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2, bx))
+MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
+MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
+MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
+MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
+MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
+MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
+MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
