@@ -291,6 +291,42 @@ pub(crate) struct MatvecGroup {
     count: u32,
     end: [u32; 3],
     aux: [u32; 3],
+    nm: XNorm,
+}
+
+/// `struct XNorm` of `cu/matmul.cu`: the rmsnorm fused into a quantized group's x.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct XNorm {
+    on: u32,
+    x: u32,
+    w: u32,
+    out: u32,
+    eps: f32,
+}
+
+/// The rmsnorm `n` before quantized matvecs `ms` can run inside their launch
+/// (`quantize_x`): quantized, one x window (k <= 8192) and x, weight and out 16-byte
+/// aligned (`SAMEPAGE_CUDA_QMV_NORM=0`: never).
+fn quant_norm(base: u64, n: Option<abi::RmsNorm>, ms: &[abi::Matmul]) -> Option<XNorm> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_QMV_NORM").as_deref() != Ok("0"));
+    let n = n.filter(|_| on)?;
+    let dt = DType::from_u32(ms.first()?.dtype)?;
+    let al = |off: u32| (base + off as u64).is_multiple_of(16);
+    let ok = !matches!(dt, DType::F32 | DType::F16 | DType::BF16)
+        && n.dim <= 8192
+        && n.dim.is_multiple_of(8)
+        && al(n.x)
+        && al(n.weight)
+        && al(n.out);
+    ok.then_some(XNorm {
+        on: 1,
+        x: n.x,
+        w: n.weight,
+        out: n.out,
+        eps: n.eps,
+    })
 }
 // SAFETY: #[repr(C)] of 4-byte scalars (Matmul is such a struct), no padding.
 unsafe impl samepage_abi::Pod for MatvecGroup {}
@@ -747,24 +783,36 @@ pub(crate) fn swiglu_pairable(ops: &[Op]) -> bool {
 
 /// Enqueue ops accepted by [`swiglu_pairable`]: one paired streaming launch where it
 /// applies, else the matvec group and the swiglu one after the other.
-pub(crate) fn launch_matvecs_swiglu(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
+pub(crate) fn launch_matvecs_swiglu(
+    k: &Kernels,
+    stream: &CudaStream,
+    c: KCtx,
+    ops: &[Op],
+    nm: Option<XNorm>,
+) -> Result<(), OpError> {
     let [Op::Matmul(g), Op::Matmul(u), Op::SwiGlu(s)] = *ops else {
         return Err(OpError::runtime("cuda: not a gate/up/swiglu group"));
     };
-    if launch_stream(k, stream, c, &[g, u], Some(s.out))? {
+    if nm.is_none() && launch_stream(k, stream, c, &[g, u], Some(s.out))? {
         return Ok(());
     }
-    launch_matvec_group(k, stream, c, &ops[..2])?;
+    launch_matvec_group(k, stream, c, &ops[..2], nm)?;
     launch_op(k, stream, KCtx { op: c.op + 2, ..c }, &ops[2])
 }
 
 /// Enqueue a group accepted by [`groupable`] as one launch.
-pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
+pub(crate) fn launch_matvec_group(
+    k: &Kernels,
+    stream: &CudaStream,
+    c: KCtx,
+    ops: &[Op],
+    nm: Option<XNorm>,
+) -> Result<(), OpError> {
     let ms: Vec<abi::Matmul> = ops
         .iter()
         .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
         .collect();
-    if ms.len() == ops.len() && launch_stream(k, stream, c, &ms, None)? {
+    if nm.is_none() && ms.len() == ops.len() && launch_stream(k, stream, c, &ms, None)? {
         return Ok(());
     }
     let mut g = MatvecGroup {
@@ -772,6 +820,7 @@ pub(crate) fn launch_matvec_group(k: &Kernels, stream: &CudaStream, c: KCtx, ops
         count: ops.len() as u32,
         end: [0; 3],
         aux: [0; 3],
+        nm: nm.unwrap_or_default(),
     };
     let mut blocks = 0u64;
     let rows: u64 = ops
@@ -1062,17 +1111,21 @@ pub(crate) fn launch_mv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op], s
             return Ok(());
         }
     }
+    // Quantized: the rmsnorm inside the group's launch where it fits, else on its own.
+    let nm = quant_norm(c.base, norm, &ms);
     let mut c1 = c;
     if s.norm {
-        launch_op(k, stream, c, &ops[0])?;
+        if nm.is_none() {
+            launch_op(k, stream, c, &ops[0])?;
+        }
         c1.op += 1;
     }
     let _early = EarlyScope::new(s.w_fixed);
     let mv = &ops[off..];
     if s.swiglu {
-        launch_matvecs_swiglu(k, stream, c1, &mv[..3])
-    } else if s.len >= 2 {
-        launch_matvec_group(k, stream, c1, &mv[..s.len])
+        launch_matvecs_swiglu(k, stream, c1, &mv[..3], nm)
+    } else if s.len >= 2 || nm.is_some() {
+        launch_matvec_group(k, stream, c1, &mv[..s.len], nm)
     } else {
         launch_op(k, stream, c1, &mv[0])
     }

@@ -247,7 +247,14 @@ template <u32 DT> struct QChunk { static constexpr u32 CB = 32 / QUnit<DT>::PER_
 #define QKW 8192
 #define QPART 512 // RB * wpr at most
 
-__device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint4* xq, float* xd, int* xs) {
+// The rmsnorm before a quantized matvec group, fused (exec.rs `launch_mv`): x is the
+// rmsnorm's input (one window: k <= QKW, 16-byte aligned x, weight and out); every block
+// normalises it itself and block b also writes the 8-element chunks c with c % G == b of
+// the rmsnorm's out.
+struct XNorm { u32 on, x, w, out; float eps; };
+
+__device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint4* xq, float* xd, int* xs,
+                                           const Ctx& c, const XNorm& nm) {
     // Thread t: 8 activations at 8 (t + 256 i); lanes t & ~3 .. t | 3 hold one 32-block.
     float v[4][8];
 #pragma unroll
@@ -259,6 +266,32 @@ __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint
             } else {
 #pragma unroll
                 for (int j = 0; j < 8; j++) v[i][j] = 0.0f;
+            }
+        }
+    }
+    if (nm.on) { // uniform
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (8 * 256 * i < kw)
+#pragma unroll
+                for (int j = 0; j < 8; j++) ss += v[i][j] * v[i][j];
+        ss = block_sum(ss);
+        const float inv = 1.0f / sqrtf(ss / (float)kw + nm.eps);
+        const float* w = at<float>(c, nm.w);
+        float* out = at<float>(c, nm.out);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const u32 e = 8 * (threadIdx.x + 256 * i);
+            if (8 * 256 * i < kw && e < kw) {
+                float wv[8];
+                load_x8(w + e, wv, true);
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[i][j] = v[i][j] * inv * wv[j];
+                if ((e / 8) % gridDim.x == blockIdx.x) {
+                    *(float4*)(out + e) = make_float4(v[i][0], v[i][1], v[i][2], v[i][3]);
+                    *((float4*)(out + e) + 1) = make_float4(v[i][4], v[i][5], v[i][6], v[i][7]);
+                }
             }
         }
     }
@@ -297,7 +330,8 @@ __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint
 }
 
 template <u32 DT>
-__device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u32 bx, const TlGuard& tg) {
+__device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u32 bx, const TlGuard& tg,
+                           const XNorm& nm) {
     constexpr u32 CB = QChunk<DT>::CB, BB = blk_bytes(DT), BE = blk_elems(DT), UPB = QUnit<DT>::PER_BLOCK;
     constexpr u32 CHUNK = CB * BB, CE = CB * BE, CPW = QKW / CE, QREG = (CHUNK / 16 + 31) / 32;
     __shared__ __align__(16) u8 stage[8][CHUNK + 16];
@@ -350,7 +384,8 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
             PDL_TRIGGER();
         }
         if (win) __syncthreads(); // every warp is done with the previous window's x
-        quantize_x(at<float>(c, mm.x) + (u64)win * QKW, xa, kw, xq, xd, xs);
+        if (nm.on) quantize_x(at<float>(c, nm.x), true, kw, xq, xd, xs, c, nm);
+        else quantize_x(at<float>(c, mm.x) + (u64)win * QKW, xa, kw, xq, xd, xs, c, nm);
         __syncthreads();
         float acc = 0.0f;
         auto step = [&](uint4 (&r)[QREG]) {
@@ -445,7 +480,7 @@ __device__ void gemm_tiled(const Ctx& c, const Matmul& mm) {
 // bits 4-5: log2 of the warps per row (the launch has ceil(m * wpr / 8) blocks).
 // matvecs_<dtype>: up to 3 matvecs of one dtype in one launch (fused at record time:
 // q/k/v or gate/up reading the same x); block b belongs to the first i with b < end[i].
-struct MatvecGroup { Matmul m[3]; u32 count, end[3], aux[3]; };
+struct MatvecGroup { Matmul m[3]; u32 count, end[3], aux[3]; XNorm nm; };
 // aux bit 8: before waiting on the previous kernel (PDL), a block asks L2 to prefetch its
 // weight rows (one bulk prefetch per row per 64 KiB), so the stream from HBM overlaps the
 // previous kernel's tail and the small latency-bound kernels between matvecs. Only L2 is
@@ -474,6 +509,7 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
     extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { \
         const u32 bx = blockIdx.x;                                                       \
         TlGuard tl_guard_(c);                                                            \
+        const XNorm nm_ = {0, 0, 0, 0, 0.0f};                                            \
         matvec_prefetch(c, mm, DT, bx);                                                  \
         if (!(c.aux & MV_EARLY)) { PDL_WAIT_ONLY(); tl_guard_.waited(); PDL_TRIGGER(); } \
         GEMV;                                                                            \
@@ -486,6 +522,7 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
         c.aux = g.aux[i];                                                                \
         const Matmul mm = g.m[i];                                                        \
         TlGuard tl_guard_(c);                                                            \
+        const XNorm nm_ = g.nm;                                                          \
         matvec_prefetch(c, mm, DT, bx);                                                  \
         if (!(c.aux & MV_EARLY)) { PDL_WAIT_ONLY(); tl_guard_.waited(); PDL_TRIGGER(); } \
         GEMV;                                                                            \
@@ -496,10 +533,10 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
 MATMUL_KERNELS(f32, DT_F32, gemv_dense<DT_F32>(c, mm, c.aux & 1, bx))
 MATMUL_KERNELS(f16, DT_F16, gemv_dense<DT_F16>(c, mm, c.aux & 1, bx))
 MATMUL_KERNELS(bf16, DT_BF16, gemv_dense<DT_BF16>(c, mm, c.aux & 1, bx))
-MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
-MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
-MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
-MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
-MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
-MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
-MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_))
+MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
+MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
+MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
+MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
+MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
+MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
+MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))

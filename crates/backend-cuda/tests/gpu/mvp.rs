@@ -1,8 +1,10 @@
-//! The pipelined decode matvec (`mvp` in cu/mvp.cu), which the graph uses for f16/bf16
-//! single-token matvecs with the rmsnorm before them and a gate/up swiglu after them
-//! fused: every output (the matvecs', the rmsnorm's, the swiglu's) must match the CPU
-//! running the same ops one by one, at Llama-like shapes (many pipeline stages per
-//! block, rows split into parts, pairs, bias and accumulation) and odd ones.
+//! Matvec steps of a decode graph: the pipelined decode matvec (`mvp` in cu/mvp.cu),
+//! which the graph uses for f16/bf16 single-token matvecs with the rmsnorm before them
+//! and a gate/up swiglu after them fused, and quantized groups with the rmsnorm fused
+//! into their x (`quantize_x`): every output (the matvecs', the rmsnorm's, the swiglu's)
+//! must match the CPU running the same ops one by one, at Llama-like shapes (many
+//! pipeline stages per block, rows split into parts, pairs, bias and accumulation) and
+//! odd ones.
 use samepage_abi::{self as abi, hint, op as code, DType};
 use samepage_backend::Backend;
 
@@ -21,6 +23,33 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
+    Case {
+        name: "rmsnorm + q/k/v, q8_0, k 2048 (rmsnorm inside the quantized group)",
+        dt: DType::Q8_0,
+        k: 2048,
+        ms: &[2048, 512, 512],
+        norm: true,
+        pair: false,
+        flags: 0,
+    },
+    Case {
+        name: "rmsnorm + gate/up + swiglu, q4_K, k 2048 (rmsnorm inside the group)",
+        dt: DType::Q4_K,
+        k: 2048,
+        ms: &[8192, 8192],
+        norm: true,
+        pair: true,
+        flags: 0,
+    },
+    Case {
+        name: "rmsnorm + output, q6_K, k 1536",
+        dt: DType::Q6_K,
+        k: 1536,
+        ms: &[1000],
+        norm: true,
+        pair: false,
+        flags: 0,
+    },
     Case {
         name: "rmsnorm + q/k/v, bf16, k 2048",
         dt: DType::BF16,
@@ -150,7 +179,8 @@ fn pipelined_matvec_matches_the_cpu() {
             cg.launch(rc.mem()).unwrap();
             cg.wait().unwrap();
         }
-        if gpu.has_pipelined_matvec() {
+        let dense = matches!(case.dt, DType::F16 | DType::BF16);
+        if dense && gpu.has_pipelined_matvec() {
             // Recorded as one pipelined launch (other tests running alongside may add more).
             assert!(
                 samepage_backend_cuda::pipelined_matvecs() > before,
