@@ -800,6 +800,13 @@ pub(crate) fn launch_matvecs_swiglu(
     launch_op(k, stream, KCtx { op: c.op + 2, ..c }, &ops[2])
 }
 
+/// The matvec descriptors among `ops` (in order).
+fn matmuls(ops: &[Op]) -> Vec<abi::Matmul> {
+    ops.iter()
+        .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
+        .collect()
+}
+
 /// Enqueue a group accepted by [`groupable`] as one launch.
 pub(crate) fn launch_matvec_group(
     k: &Kernels,
@@ -808,10 +815,7 @@ pub(crate) fn launch_matvec_group(
     ops: &[Op],
     nm: Option<XNorm>,
 ) -> Result<(), OpError> {
-    let ms: Vec<abi::Matmul> = ops
-        .iter()
-        .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
-        .collect();
+    let ms = matmuls(ops);
     if nm.is_none() && ms.len() == ops.len() && launch_stream(k, stream, c, &ms, None)? {
         return Ok(());
     }
@@ -870,33 +874,6 @@ pub(crate) struct MvPipe {
 // SAFETY: #[repr(C)] of 4-byte scalars (Matmul is such a struct), no padding.
 unsafe impl samepage_abi::Pod for MvPipe {}
 
-/// Byte ranges an op writes in the region (conservative: the sampler's history too).
-pub(crate) fn op_writes(op: &Op) -> Vec<(u64, u64)> {
-    let span = |x: u32, len: u64| (x as u64, x as u64 + len);
-    match *op {
-        Op::Embed(e) => vec![span(e.out, e.n as u64 * e.dim as u64 * 4)],
-        Op::RmsNorm(r) => vec![span(r.out, r.n as u64 * r.dim as u64 * 4)],
-        Op::Matmul(m) => vec![span(m.out, m.n as u64 * m.m as u64 * 4)],
-        Op::Rope(r) => vec![span(r.x, r.n as u64 * r.n_heads as u64 * r.head_dim as u64 * 4)],
-        Op::KvStore(s) => {
-            let eb = if s.cache_dtype == DType::F16 as u32 { 2 } else { 4 };
-            let cb = s.n_kv_heads as u64 * s.ctx as u64 * s.head_dim as u64 * eb;
-            vec![span(s.k_cache, cb), span(s.v_cache, cb)]
-        }
-        Op::Attention(a) => vec![span(a.out, a.n as u64 * a.n_heads as u64 * a.head_dim as u64 * 4)],
-        Op::SwiGlu(s) => vec![span(s.out, s.len as u64 * 4)],
-        Op::Add(s) => vec![span(s.out, s.len as u64 * 4)],
-        Op::Scale(s) => vec![span(s.out, s.len as u64 * 4)],
-        Op::Softmax(s) => vec![span(s.out, s.rows as u64 * s.cols as u64 * 4)],
-        Op::Argmax(s) => vec![span(s.out, s.rows as u64 * 4)],
-        Op::Sample(s) => vec![
-            span(s.out, 4),
-            span(s.rng, 8),
-            span(s.history, s.history_cap as u64 * 4),
-        ],
-    }
-}
-
 /// A record-time matvec step: `ops[at..]` holds an rmsnorm (if `norm`), `len` (1-3)
 /// single-token matvecs over one x (its output, with `norm`), and a swiglu of the gate/up
 /// pair (if `swiglu`). `w_fixed`: no op of the whole graph writes any of their W, so the
@@ -917,7 +894,7 @@ impl MvStep {
 }
 
 /// The longest matvec step starting at `ops[i]` (see [`MvStep`]), or `None` where
-/// `ops[i]` starts none. `writes`: every op's write ranges ([`op_writes`]) in the graph.
+/// `ops[i]` starts none. `writes`: every op's write ranges ([`crate::stage::writes`]) in the graph.
 /// An rmsnorm joins only when every matvec reads its output as x (k = dim) and nothing is
 /// in place: its out apart from its x and weight, and every output of the step apart
 /// from all three (the fused kernel's blocks read x while others write).
@@ -935,10 +912,7 @@ pub(crate) fn mv_step(ops: &[Op], i: usize, writes: &[(u64, u64)]) -> Option<MvS
     if len == 0 {
         return None;
     }
-    let ms: Vec<abi::Matmul> = ops[j..j + len]
-        .iter()
-        .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
-        .collect();
+    let ms = matmuls(&ops[j..j + len]);
     let swiglu = len == 2 && j + 3 <= ops.len() && swiglu_pairable(&ops[j..j + 3]);
     let mut outs: Vec<(u64, u64)> = ms.iter().map(|m| matvec_ranges(m).1).collect();
     if let Some(Op::SwiGlu(s)) = ops.get(j + 2).filter(|_| swiglu) {
@@ -970,9 +944,10 @@ pub(crate) fn mv_step(ops: &[Op], i: usize, writes: &[(u64, u64)]) -> Option<MvS
     })
 }
 
-/// The pipelined matvec's switches: `SAMEPAGE_CUDA_MVP=0` (off), `_STAGES` (2-4 stages
-/// of 8 parts per block; default 2: measured best, see NOTES.md), `_BPS` (blocks per SM; default 1),
-/// `_PAIR=0` (stages not capped so that two blocks fit an SM).
+/// The pipelined matvec's switches: `SAMEPAGE_CUDA_MVP=0` (off), `_STAGES` (2-6 stages
+/// of 8 parts per block; default 3, capped by `_PAIR`: 3 for k = 2048, 2 for k = 8192 on
+/// an H100; `_STAGES=2` measured faster in one call, see NOTES.md), `_BPS` (blocks per SM;
+/// default 1), `_PAIR=0` (stages not capped so that two blocks fit an SM).
 fn mvp_knobs() -> (bool, u32, u64, bool) {
     static K: std::sync::OnceLock<(bool, u32, u64, bool)> = std::sync::OnceLock::new();
     *K.get_or_init(|| {
@@ -997,6 +972,11 @@ fn mvp_early() -> u32 {
     *E.get_or_init(|| env_num("SAMEPAGE_CUDA_MVP_EARLY").map_or(1, |v| v.min(64) as u32))
 }
 
+/// Whether `SAMEPAGE_CUDA_MVP` leaves the pipelined matvec on.
+pub(crate) fn mvp_enabled() -> bool {
+    mvp_knobs().0
+}
+
 /// `mvp`'s part shape for rows of `k` elements: (J, P) with k = 256 J P, J <= 8 (x
 /// registers per lane: 8 J), P <= 8 parts per row (a warp each), the fewest parts.
 pub(crate) fn mvp_shape(k: u32) -> Option<(u32, u32)> {
@@ -1011,7 +991,7 @@ pub(crate) fn mvp_shape(k: u32) -> Option<(u32, u32)> {
 /// The pipelined matvec (`mvp_body` in cu/mvp.cu) for matvecs `ms` (with the rmsnorm
 /// before them and the swiglu after them fused, if given): the descriptor, the kernel,
 /// the blocks and the dynamic shared memory. `None` where it does not apply: switched
-/// off, below sm_80, not f16/bf16, a row length without a part shape, anything not
+/// off, below sm_90, not f16/bf16, a row length without a part shape, anything not
 /// 16-byte aligned, or gate/up pairs with an odd number of rows per stage.
 fn mvp_plan<'k>(
     k: &'k Kernels,
@@ -1020,7 +1000,7 @@ fn mvp_plan<'k>(
     norm: Option<abi::RmsNorm>,
     sw: Option<abi::SwiGlu>,
 ) -> Option<(MvPipe, &'k CudaFunction, u64, u32)> {
-    let (on, stages, bps, _) = mvp_knobs();
+    let (on, stages, bps, pair) = mvp_knobs();
     let m0 = *ms.first()?;
     if !on || ms.len() > 3 {
         return None;
@@ -1044,7 +1024,6 @@ fn mvp_plan<'k>(
         count: ms.len() as u32,
         p,
         r,
-        stages,
         ..Default::default()
     };
     let mut rows = 0u64;
@@ -1076,7 +1055,7 @@ fn mvp_plan<'k>(
     let sb = r * p * 32 * j * 16;
     let fixed = m0.k * 4 * (1 + norm.is_some() as u32) + pre as u32 * per_block * r * 4;
     let fit2 = (k.mvp_smem_pair.saturating_sub(fixed) / sb).max(2);
-    g.stages = if mvp_knobs().3 { stages.min(fit2) } else { stages };
+    g.stages = if pair { stages.min(fit2) } else { stages };
     g.early = mvp_early().min(g.stages);
     let smem = g.stages * sb + fixed;
     if smem > k.mvp_smem {
@@ -1090,10 +1069,7 @@ fn mvp_plan<'k>(
 /// gate/up/swiglu path), one after the other.
 pub(crate) fn launch_mv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op], s: MvStep) -> Result<(), OpError> {
     let off = s.norm as usize;
-    let ms: Vec<abi::Matmul> = ops[off..off + s.len]
-        .iter()
-        .filter_map(|op| if let Op::Matmul(m) = op { Some(*m) } else { None })
-        .collect();
+    let ms = matmuls(&ops[off..off + s.len]);
     let norm = match ops[0] {
         Op::RmsNorm(r) if s.norm => Some(r),
         _ => None,
@@ -1157,10 +1133,6 @@ thread_local! {
     static PDL_NOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// `MV_PREFETCH` (matmul.cu) for a single-token matvec launched now: in a PDL capture
-/// (where the block starts before the previous kernel ends), with
-/// `SAMEPAGE_CUDA_PREFETCH=1`. Off by default: measured 4-5% slower bf16 decode on both an
-/// H100 (tg128 668-672 vs 701-703 tok/s) and an H200 (762-773 vs 806).
 /// `MV_EARLY` (matmul.cu) for a quantized single-token matvec launched now: in a PDL
 /// capture, inside an [`EarlyScope`] (a matvec step whose W no op of the graph writes),
 /// unless `SAMEPAGE_CUDA_QMV_EARLY=0`.
@@ -1196,6 +1168,10 @@ impl Drop for EarlyScope {
     }
 }
 
+/// `MV_PREFETCH` (matmul.cu) for a single-token matvec launched now: in a PDL capture
+/// (where the block starts before the previous kernel ends), with
+/// `SAMEPAGE_CUDA_PREFETCH=1`. Off by default: measured 4-5% slower bf16 decode on both an
+/// H100 (tg128 668-672 vs 701-703 tok/s) and an H200 (762-773 vs 806).
 fn prefetch_bit() -> u32 {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_PREFETCH").as_deref() == Ok("1"));

@@ -35,7 +35,7 @@ fn plan(ops: &[Op]) -> Vec<Step> {
     let rope_kv = fuse && std::env::var("SAMEPAGE_CUDA_FUSE_ROPE_KV").as_deref() != Ok("0");
     // `SAMEPAGE_CUDA_FUSE_ATTN=0`: rope/kv_store not fused with the attention after them.
     let rope_kv_attn = rope_kv && std::env::var("SAMEPAGE_CUDA_FUSE_ATTN").as_deref() != Ok("0");
-    let writes: Vec<(u64, u64)> = ops.iter().flat_map(exec::op_writes).collect();
+    let writes: Vec<(u64, u64)> = ops.iter().flat_map(stage::writes).collect();
     let mut steps = Vec::with_capacity(ops.len());
     let mut i = 0;
     while i < ops.len() {

@@ -230,10 +230,10 @@ impl CudaBackend {
         self.inner.ctx.name().unwrap_or_else(|_| "unknown CUDA device".into())
     }
 
-    /// Whether the pipelined decode matvec is available (sm_80 and newer, unless
+    /// Whether the pipelined decode matvec is available (sm_90 and newer, unless
     /// `SAMEPAGE_CUDA_MVP=0`).
     pub fn has_pipelined_matvec(&self) -> bool {
-        self.inner.kernels.mvp.iter().any(|f| f.is_some()) && std::env::var("SAMEPAGE_CUDA_MVP").as_deref() != Ok("0")
+        self.inner.kernels.mvp.iter().any(|f| f.is_some()) && exec::mvp_enabled()
     }
 
     pub fn memory_mode(&self) -> MemoryMode {

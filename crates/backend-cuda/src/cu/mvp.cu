@@ -28,7 +28,7 @@ struct MvPipe {
     u32 P, R, stages, pair, sw_out;
     u32 norm, nx, nw, nout;
     float eps;
-    u32 pre;  // rows per block with a bias or an accumulated output: read at the start
+    u32 pre;  // 1: some matvec has a bias or accumulates; the block's rows' values are read first
     u32 early; // stages issued before the PDL wait (the rest right after x is read)
 };
 
