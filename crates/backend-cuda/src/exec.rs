@@ -558,16 +558,29 @@ struct RopeKvAttn {
 // SAFETY: #[repr(C)] of 4-byte scalars, no padding.
 unsafe impl samepage_abi::Pod for RopeKvAttn {}
 
-/// Most positions and GQA group size the fused decode attention (`rope_kv_attn`) takes.
-const RKA_CTX: u32 = 1024;
+/// Most positions per block and GQA group size of the fused decode attention
+/// (`rope_kv_attn`), and the blocks it aims at (about one per SM).
+const RKA_CH: u32 = 256;
 const RKA_G: u32 = 4;
+const RKA_BLOCKS: u32 = 128;
+
+/// Splits (blocks per KV head) of the fused decode attention: about RKA_BLOCKS blocks in
+/// all, at least enough that a split holds at most RKA_CH positions, and no more than
+/// the attention op's scratch has room for (`attention_splits`).
+fn rka_splits(a: &abi::Attention) -> u32 {
+    RKA_BLOCKS
+        .div_ceil(a.n_kv_heads.max(1))
+        .max(a.ctx.div_ceil(RKA_CH))
+        .min(attention_splits(a))
+}
 
 /// Whether `ops` are rope(q), rope(k), kv_store, attention of one token that one
-/// `rope_kv_attn` launch (a block per KV head) runs with the same results: the first
-/// three as for [`rope_kv_fusable`], both ropes with the same parameters and positions,
-/// attention over the cache kv_store writes at the same `pos` with the rotated q, a
-/// context of at most 1024 positions, head_dim a multiple of 4 and at most 128, groups of
-/// at most 4 heads, and its output apart from everything else the four ops touch.
+/// `rope_kv_attn` launch (blocks per KV head and split of the positions) runs with the
+/// same results: the first three as for [`rope_kv_fusable`], both ropes with the same
+/// parameters and positions, attention over the cache kv_store writes at the same `pos`
+/// with the rotated q, splits of at most RKA_CH positions (a context of at most 16384),
+/// head_dim a multiple of 4 and at most 128, groups of at most 4 heads, and its output
+/// apart from everything else the four ops touch.
 pub(crate) fn rope_kv_attn_fusable(ops: &[Op]) -> bool {
     let [Op::Rope(q), Op::Rope(k), Op::KvStore(s), Op::Attention(a)] = *ops else {
         return false;
@@ -599,7 +612,8 @@ pub(crate) fn rope_kv_attn_fusable(ops: &[Op]) -> bool {
         || a.v_cache != s.v_cache
         || a.cache_dtype != s.cache_dtype
         || a.ctx != s.ctx
-        || a.ctx > RKA_CTX
+        || (rka_splits(&a) as u64) * (RKA_CH as u64) < a.ctx as u64
+        || a.n_kv_heads as usize > COUNTERS
         || a.pos != s.pos
     {
         return false;
@@ -621,20 +635,31 @@ pub(crate) fn rope_kv_attn_fusable(ops: &[Op]) -> bool {
 }
 
 /// Enqueue ops accepted by [`rope_kv_attn_fusable`]: one launch where the caches are
-/// aligned for the kernel's vector loads, else rope_kv and attention (`c.op`: the
-/// kv_store's; `c.tmap` slots: q.positions, k.positions, kv_store.pos, attention.pos).
-pub(crate) fn launch_rope_kv_attn(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op]) -> Result<(), OpError> {
+/// aligned for the kernel's vector loads (and the split merge has its counters), else
+/// rope_kv and attention (`c.op`: the kv_store's; `c.tmap` slots: q.positions,
+/// k.positions, kv_store.pos, attention.pos). `early`: the staged per-token words are
+/// written before this launch can start (graph.rs `tok_ready_early`), so the kernel
+/// reads them, and the cache rows before pos, ahead of its PDL wait.
+pub(crate) fn launch_rope_kv_attn(
+    k: &Kernels,
+    stream: &CudaStream,
+    mut c: KCtx,
+    ops: &[Op],
+    early: bool,
+) -> Result<(), OpError> {
     let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s), Op::Attention(a)] = *ops else {
         return Err(OpError::runtime("cuda: not a rope/rope/kv_store/attention group"));
     };
-    if let Some(f16) = attention_dec_fits(c.base, &a) {
+    let splits = rka_splits(&a);
+    if let Some(f16) = attention_dec_fits(c.base, &a).filter(|_| splits == 1 || c.counters != 0) {
         let f = RopeKvAttn { q, k: kr, s, a };
+        c.aux = splits | (early as u32) << 17;
         return go(
             stream,
             &k.rope_kv_attn[f16 as usize],
             c,
             f,
-            cfg(a.n_kv_heads as u64, 256)?,
+            cfg(a.n_kv_heads as u64 * splits as u64, 256)?,
             "rope_kv_attn",
         );
     }
@@ -870,6 +895,7 @@ pub(crate) struct MvPipe {
     eps: f32,
     pre: u32,
     early: u32,
+    nw_early: u32,
 }
 // SAFETY: #[repr(C)] of 4-byte scalars (Matmul is such a struct), no padding.
 unsafe impl samepage_abi::Pod for MvPipe {}
@@ -877,7 +903,8 @@ unsafe impl samepage_abi::Pod for MvPipe {}
 /// A record-time matvec step: `ops[at..]` holds an rmsnorm (if `norm`), `len` (1-3)
 /// single-token matvecs over one x (its output, with `norm`), and a swiglu of the gate/up
 /// pair (if `swiglu`). `w_fixed`: no op of the whole graph writes any of their W, so the
-/// pipelined kernel may read W before the previous kernel has finished.
+/// pipelined kernel may read W before the previous kernel has finished; `nw_fixed`: the
+/// same for the rmsnorm's weight.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct MvStep {
     pub at: usize,
@@ -885,6 +912,7 @@ pub(crate) struct MvStep {
     pub len: usize,
     pub swiglu: bool,
     pub w_fixed: bool,
+    pub nw_fixed: bool,
 }
 
 impl MvStep {
@@ -935,26 +963,31 @@ pub(crate) fn mv_step(ops: &[Op], i: usize, writes: &[(u64, u64)]) -> Option<MvS
         let w = matvec_ranges(m).0[0];
         writes.iter().all(|d| !overlap(w, *d))
     });
+    let nw_fixed = norm.is_some_and(|r| {
+        let w = (r.weight as u64, r.weight as u64 + r.dim as u64 * 4);
+        writes.iter().all(|d| !overlap(w, *d))
+    });
     Some(MvStep {
         at: i,
         norm: norm.is_some(),
         len,
         swiglu,
         w_fixed,
+        nw_fixed,
     })
 }
 
 /// The pipelined matvec's switches: `SAMEPAGE_CUDA_MVP=0` (off), `_STAGES` (2-6 stages
-/// of 8 parts per block; default 3, capped by `_PAIR`: 3 for k = 2048, 2 for k = 8192 on
-/// an H100; `_STAGES=2` measured faster in one call, see NOTES.md), `_BPS` (blocks per SM;
-/// default 1), `_PAIR=0` (stages not capped so that two blocks fit an SM).
+/// of 8 parts per block; default 2: on an H100, bf16 tg128 2 vs 3 stages, interleaved in
+/// one call, 817/813 vs 789/796 and 807/819 vs 797/720 tok/s; see NOTES.md), `_BPS`
+/// (blocks per SM; default 1), `_PAIR=0` (stages not capped so that two blocks fit an SM).
 fn mvp_knobs() -> (bool, u32, u64, bool) {
     static K: std::sync::OnceLock<(bool, u32, u64, bool)> = std::sync::OnceLock::new();
     *K.get_or_init(|| {
         (
             std::env::var("SAMEPAGE_CUDA_MVP").as_deref() != Ok("0"),
             env_num("SAMEPAGE_CUDA_MVP_STAGES")
-                .unwrap_or(3)
+                .unwrap_or(2)
                 .clamp(2, crate::kernels::MVP_SMAX as u64) as u32,
             env_num("SAMEPAGE_CUDA_MVP_BPS").unwrap_or(1).clamp(1, 4),
             std::env::var("SAMEPAGE_CUDA_MVP_PAIR").as_deref() != Ok("0"),
@@ -999,6 +1032,7 @@ fn mvp_plan<'k>(
     ms: &[abi::Matmul],
     norm: Option<abi::RmsNorm>,
     sw: Option<abi::SwiGlu>,
+    nw_fixed: bool,
 ) -> Option<(MvPipe, &'k CudaFunction, u64, u32)> {
     let (on, stages, bps, pair) = mvp_knobs();
     let m0 = *ms.first()?;
@@ -1057,6 +1091,10 @@ fn mvp_plan<'k>(
     let fit2 = (k.mvp_smem_pair.saturating_sub(fixed) / sb).max(2);
     g.stages = if pair { stages.min(fit2) } else { stages };
     g.early = mvp_early().min(g.stages);
+    // `SAMEPAGE_CUDA_MVP_NW_EARLY=0`: the norm weight is read after the wait, with x.
+    static NW_EARLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let nw_early = *NW_EARLY.get_or_init(|| env_num("SAMEPAGE_CUDA_MVP_NW_EARLY") != Some(0));
+    g.nw_early = (nw_fixed && nw_early) as u32;
     let smem = g.stages * sb + fixed;
     if smem > k.mvp_smem {
         return None;
@@ -1079,7 +1117,7 @@ pub(crate) fn launch_mv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op], s
         _ => None,
     };
     if s.w_fixed {
-        if let Some((g, f, blocks, smem)) = mvp_plan(k, c.base, &ms, norm, sw) {
+        if let Some((g, f, blocks, smem)) = mvp_plan(k, c.base, &ms, norm, sw, s.nw_fixed) {
             let mut lc = cfg(blocks, 256)?;
             lc.shared_mem_bytes = smem;
             go(stream, f, c, g, lc, "matvec")?;

@@ -300,8 +300,32 @@ impl CudaOpGraph {
             Step::One(_) => exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0]),
             Step::Mv(s) => exec::launch_mv(&inner.kernels, &inner.stream, c, ops, s),
             Step::RopeKv(_) => exec::launch_rope_kv(&inner.kernels, &inner.stream, c, ops),
-            Step::RopeKvAttn(_) => exec::launch_rope_kv_attn(&inner.kernels, &inner.stream, c, ops),
+            Step::RopeKvAttn(_) => {
+                // Slots 0 and 2: rope(q).positions and kv_store.pos.
+                let staged = |slot: u32| (c.tmap >> (8 * slot)) & 0xff != 0xff;
+                let early = staged(0) && staged(2) && self.tok_ready_early(j);
+                exec::launch_rope_kv_attn(&inner.kernels, &inner.stream, c, ops, early)
+            }
         }
+    }
+
+    /// Whether the staged per-token words are written before step `j`'s kernel can start
+    /// (so it may read them ahead of its PDL wait). A kernel starts once the one before it
+    /// has triggered; most trigger after their own wait, which returns once everything
+    /// before them has finished. The matvec kernels may trigger first (mvp, MV_EARLY), so
+    /// some step before `j` must be one that waits first: then every kernel before that
+    /// step, the staging kernel included, has finished when `j` starts. With
+    /// `SAMEPAGE_CUDA_ATTN_EARLY=0` never.
+    fn tok_ready_early(&self, j: usize) -> bool {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("SAMEPAGE_CUDA_ATTN_EARLY").as_deref() == Ok("0")) {
+            return false;
+        }
+        self.steps[..j].iter().any(|s| match *s {
+            Step::Mv(_) => false,
+            Step::One(i) => !matches!(self.ops[i], Op::Matmul(_)),
+            Step::RopeKv(_) | Step::RopeKvAttn(_) => true,
+        })
     }
 
     /// A step's name in traces: the op, or what was fused.
@@ -619,6 +643,7 @@ mod tests {
                 len: 2,
                 swiglu: true,
                 w_fixed: true,
+                nw_fixed: false,
             };
             assert!(matches!(plan(&gate_up_swiglu(out))[..], [Step::Mv(s)] if s == want));
         }
@@ -657,8 +682,29 @@ mod tests {
             len: 2,
             swiglu: true,
             w_fixed: true,
+            nw_fixed: true,
         };
         assert!(matches!(plan(&ops)[..], [Step::Mv(s)] if s == want));
+        // An op that writes the norm weight: the step still fuses, the weight is not fixed.
+        let mut wn = ops.clone();
+        wn.push(Op::Scale(abi::Scale {
+            x: 1 << 23,
+            out: 3 << 20,
+            len: 4,
+            scale: 1.0,
+        }));
+        assert!(matches!(
+            plan(&wn)[..],
+            [
+                Step::Mv(exec::MvStep {
+                    norm: true,
+                    w_fixed: true,
+                    nw_fixed: false,
+                    ..
+                }),
+                Step::One(4)
+            ]
+        ));
         // At the end of the list (the output head).
         assert!(matches!(
             plan(&ops[..2])[..],

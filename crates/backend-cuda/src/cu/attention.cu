@@ -296,134 +296,251 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 }
 
 // rope(q), rope(k), kv_store, attention of one token as one launch (record-time fusion,
-// exec.rs `rope_kv_attn_fusable`): a block per KV head, for contexts of at most RKA_CTX
-// positions and GQA groups of at most RKA_G heads. The block computes the token's angles
-// once (f64, as `rope`), rotates its k head and its group's q heads in place (the rope
-// ops' outputs) keeping q * scale in shared memory, stores k and v into the cache (the
-// kv_store op's output), then attends over positions 0..=pos: a thread per position for
-// the scores of all the group's heads (one K row read serves them all), a warp per head
-// for the softmax, and threads over (position group, 4 dims) for p * V. Every step reads
-// what this block itself wrote, after a barrier. The same arithmetic as the four ops.
+// exec.rs `rope_kv_attn_fusable`), split over positions: grid = n_kv_heads * S blocks
+// (S: aux bits 0-15, S * RKA_CH >= ctx). Block (h, s) takes chunk s of positions 0..=pos
+// (chunks of at least RKA_MIN: a short context runs few blocks; blocks past the last
+// chunk exit). Every block computes the token's angles (f64, as `rope`) and rotates its
+// group's q heads into shared memory. The block of the last chunk (the one that holds
+// pos) also rotates k in place, stores k and v into the cache (the kv_store op) and uses
+// that row from shared memory, rounded as the cache holds it.
+// Rows before pos were written by earlier steps and nothing in this step writes them, so
+// when the per-token words are known to be staged already (aux bit 17, graph.rs) the
+// angles and the K and V rows of the block's first positions are loaded before the PDL
+// wait: they overlap the kernels before this one.
+// Scores: four threads per position (one K row serves the group's heads); softmax a warp
+// per head; p * V by threads over (position group, 4 dims). With one active chunk the
+// block writes the output; else each writes (max, sum, acc) per head and the last block
+// of the KV head to finish (counter c.counters[h]) merges them. The block that writes the
+// output also writes the rotated q (the rope op's output): every block has read q by then.
 #define RKA_T 256
-#define RKA_CTX 1024
+#define RKA_CH 256
+#define RKA_MIN 32
 #define RKA_G 4
+#define RKA_KJ 8
+#define RKA_VP 4
 struct RopeKvAttn { Rope q, k; KvStore s; Attention a; };
+
+template <bool F16> __device__ __forceinline__ float cache_round(float x) {
+    return F16 ? f16_to_f32(f32_to_f16(x)) : x;
+}
 
 template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f) {
     __shared__ float cs[64], sn[64];
     __shared__ __align__(16) float qs[RKA_G][128];
-    __shared__ float sc[RKA_G][RKA_CTX];
+    __shared__ __align__(16) float qr[RKA_G][128];
+    __shared__ __align__(16) float kvs[2][128];
+    __shared__ float sc[RKA_G][RKA_CH];
     __shared__ __align__(16) float4 red[RKA_T][RKA_G];
-    __shared__ float sl[RKA_G];
+    __shared__ float sm[RKA_G], sl[RKA_G];
+    __shared__ u32 last;
     const Attention& a = f.a;
     const KvStore& s = f.s;
-    const u32 t = threadIdx.x, h = blockIdx.x;
+    const u32 S = c.aux & 0xffff;
+    const bool early = (c.aux >> 17) & 1;
+    const u32 t = threadIdx.x, h = blockIdx.x / S, sp = blockIdx.x % S;
     const u32 hd = a.head_dim, G = a.n_heads / a.n_kv_heads, half = f.q.n_rot / 2, rest = hd - 2 * half;
-    const u32 p = tok_word(c, 0, f.q.positions);
-    const u32 pos = tok_word(c, 2, s.pos);
-    rope_angles(f.q, p, cs, sn);
-    __syncthreads();
+    const u32 nd4 = hd / 4, PG = RKA_T / nd4, pg = t / nd4, d4 = t % nd4;
+    const u32 pi = t >> 2, qq = t & 3;
+    const u64 cbase = (u64)h * a.ctx * hd;
+    const float4 z4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    TlGuard tl_guard_(c);
+    u32 p = 0, pos = 0, t0 = 0, n = 0, sa = 1;
+    float4 kp[RKA_KJ], vp[RKA_VP];
+    // Positions, chunk, angles and the first K / V rows (never the row at pos).
+    auto prologue = [&]() {
+        p = tok_word(c, 0, f.q.positions);
+        pos = tok_word(c, 2, s.pos);
+        if ((u64)pos + 1 > s.ctx) return;
+        const u32 len = pos + 1, chunk = max((len + S - 1) / S, (u32)RKA_MIN);
+        sa = (len + chunk - 1) / chunk;
+        if (sp >= sa) return;
+        t0 = sp * chunk;
+        n = min(len, t0 + chunk) - t0;
+#pragma unroll
+        for (u32 jj = 0; jj < RKA_KJ; jj++) {
+            const u32 j = qq + 4 * jj, tp = t0 + pi;
+            kp[jj] = j < nd4 && pi < n && tp != pos ? ld_cache4<F16>(c, a.k_cache, cbase + (u64)tp * hd + 4 * j) : z4;
+        }
+#pragma unroll
+        for (u32 i = 0; i < RKA_VP; i++) {
+            const u32 tp = pg + i * PG;
+            vp[i] = pg < PG && tp < n && t0 + tp != pos ? ld_cache4<F16>(c, a.v_cache, cbase + (u64)(t0 + tp) * hd + 4 * d4) : z4;
+        }
+        rope_angles(f.q, p, cs, sn);
+    };
+    if (early) prologue();
+    PDL_WAIT_ONLY();
+    tl_guard_.waited();
+    PDL_TRIGGER();
+    if (!early) prologue();
+    if ((u64)pos + 1 > s.ctx) {
+        if (t == 0 && blockIdx.x == 0) report(c, ERR_KV_POS, pos, 1);
+        return;
+    }
+    if (sp >= sa) return;
+    const bool writer = sp == sa - 1;
+    __syncthreads(); // cs / sn
     float* qx = at<float>(c, f.q.x) + (u64)h * G * hd;
     float* kx = at<float>(c, f.k.x) + (u64)h * hd;
-    for (u32 i = t; i < (G + 1) * half; i += RKA_T) {
+    for (u32 i = t; i < (G + writer) * half; i += RKA_T) {
         const u32 hh = i / half, j = i % half;
         float* v = hh == G ? kx : qx + (u64)hh * hd;
         u32 ia, ib;
         rope_pair(f.q, j, ia, ib);
         const float x0 = v[ia], x1 = v[ib];
         const float y0 = x0 * cs[j] - x1 * sn[j], y1 = x0 * sn[j] + x1 * cs[j];
-        v[ia] = y0;
-        v[ib] = y1;
         if (hh < G) {
+            qr[hh][ia] = y0;
+            qr[hh][ib] = y1;
             qs[hh][ia] = y0 * a.scale;
             qs[hh][ib] = y1 * a.scale;
+        } else {
+            v[ia] = y0;
+            v[ib] = y1;
+            kvs[0][ia] = cache_round<F16>(y0);
+            kvs[0][ib] = cache_round<F16>(y1);
         }
     }
-    for (u32 i = t; i < G * rest; i += RKA_T) {
+    for (u32 i = t; i < (G + writer) * rest; i += RKA_T) {
         const u32 hh = i / rest, d = 2 * half + i % rest;
-        qs[hh][d] = qx[(u64)hh * hd + d] * a.scale;
+        if (hh < G) {
+            const float x = qx[(u64)hh * hd + d];
+            qr[hh][d] = x;
+            qs[hh][d] = x * a.scale;
+        } else {
+            kvs[0][d] = cache_round<F16>(kx[d]);
+        }
     }
-    __syncthreads();
-    if ((u64)pos + 1 > s.ctx) {
-        if (t == 0) report(c, ERR_KV_POS, pos, 1);
-        return;
+    if (writer) {
+        const float* vx = at<float>(c, s.v) + (u64)h * hd;
+        for (u32 d = t; d < hd; d += RKA_T) kvs[1][d] = cache_round<F16>(vx[d]);
     }
-    store_kv_head(c, s, (u64)h * hd, ((u64)h * s.ctx + pos) * hd);
-    __syncthreads();
-    const u32 len = pos + 1, nd4 = hd / 4;
-    const u64 cbase = (u64)h * a.ctx * hd;
-    for (u32 tp = t; tp < len; tp += RKA_T) {
+    __syncthreads(); // k rotated in place, kvs, qs
+    if (writer) store_kv_head(c, s, (u64)h * hd, ((u64)h * s.ctx + pos) * hd);
+
+    // Scores, RKA_T / 4 positions per tile; the first tile's K rows are in kp.
+    for (u32 tb = 0; tb < n; tb += RKA_T / 4) {
+        const u32 tp = tb + pi;
+        const bool own = t0 + tp == pos;
         float d[RKA_G];
 #pragma unroll
         for (u32 g = 0; g < RKA_G; g++) d[g] = 0.0f;
-        const u64 row = cbase + (u64)tp * hd;
-#pragma unroll 8
-        for (u32 j = 0; j < nd4; j++) {
-            const float4 k4 = ld_cache4<F16>(c, a.k_cache, row + 4 * j);
 #pragma unroll
-            for (u32 g = 0; g < RKA_G; g++) {
-                if (g < G) {
-                    const float4 q4 = ((const float4*)qs[g])[j];
-                    d[g] += k4.x * q4.x + k4.y * q4.y + k4.z * q4.z + k4.w * q4.w;
+        for (u32 jj = 0; jj < RKA_KJ; jj++) {
+            const u32 j = qq + 4 * jj;
+            if (j < nd4) {
+                float4 k4 = kp[jj];
+                if (own) k4 = ((const float4*)kvs[0])[j];
+                else if (tb > 0 && tp < n) k4 = ld_cache4<F16>(c, a.k_cache, cbase + (u64)(t0 + tp) * hd + 4 * j);
+#pragma unroll
+                for (u32 g = 0; g < RKA_G; g++) {
+                    if (g < G) {
+                        const float4 q4 = ((const float4*)qs[g])[j];
+                        d[g] += k4.x * q4.x + k4.y * q4.y + k4.z * q4.z + k4.w * q4.w;
+                    }
                 }
             }
         }
 #pragma unroll
-        for (u32 g = 0; g < RKA_G; g++)
-            if (g < G) sc[g][tp] = d[g];
+        for (u32 g = 0; g < RKA_G; g++) {
+            d[g] += __shfl_xor_sync(0xffffffffu, d[g], 1);
+            d[g] += __shfl_xor_sync(0xffffffffu, d[g], 2);
+            if (qq == 0 && tp < n && g < G) sc[g][tp] = d[g];
+        }
     }
     __syncthreads();
     const u32 warp = t >> 5, lane = t & 31;
     if (warp < G) {
         float m = -INFINITY;
-        for (u32 i = lane; i < len; i += 32) m = fmaxf(m, sc[warp][i]);
+        for (u32 i = lane; i < n; i += 32) m = fmaxf(m, sc[warp][i]);
         m = warp_max(m);
         float l = 0.0f;
-        for (u32 i = lane; i < len; i += 32) {
+        for (u32 i = lane; i < n; i += 32) {
             const float e = expf(sc[warp][i] - m);
             sc[warp][i] = e;
             l += e;
         }
         l = warp_sum(l);
-        if (lane == 0) sl[warp] = l;
+        if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     }
     __syncthreads();
-    const u32 PG = RKA_T / nd4, pg = t / nd4, d4 = t % nd4;
     float4 acc[RKA_G];
 #pragma unroll
-    for (u32 g = 0; g < RKA_G; g++) acc[g] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (u32 g = 0; g < RKA_G; g++) acc[g] = z4;
     if (pg < PG) {
-#pragma unroll 4
-        for (u32 tp = pg; tp < len; tp += PG) {
-            const float4 v4 = ld_cache4<F16>(c, a.v_cache, cbase + (u64)tp * hd + 4 * d4);
+        auto pv = [&](u32 tp, float4 v4) {
 #pragma unroll
             for (u32 g = 0; g < RKA_G; g++) {
                 const float pw = g < G ? sc[g][tp] : 0.0f;
                 acc[g].x += pw * v4.x; acc[g].y += pw * v4.y; acc[g].z += pw * v4.z; acc[g].w += pw * v4.w;
             }
+        };
+#pragma unroll
+        for (u32 i = 0; i < RKA_VP; i++) {
+            const u32 tp = pg + i * PG;
+            if (tp < n) pv(tp, t0 + tp == pos ? ((const float4*)kvs[1])[d4] : vp[i]);
         }
+        for (u32 tp = pg + RKA_VP * PG; tp < n; tp += PG)
+            pv(tp, t0 + tp == pos ? ((const float4*)kvs[1])[d4] : ld_cache4<F16>(c, a.v_cache, cbase + (u64)(t0 + tp) * hd + 4 * d4));
     }
 #pragma unroll
     for (u32 g = 0; g < RKA_G; g++) red[t][g] = acc[g];
     __syncthreads();
+    float* out = at<float>(c, a.out) + (u64)h * G * hd;
     if (t < G * nd4) {
         const u32 g = t / nd4, e4 = t % nd4;
-        float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float4 o = z4;
         for (u32 q = 0; q < PG; q++) {
             const float4 v = red[q * nd4 + e4][g];
             o.x += v.x; o.y += v.y; o.z += v.z; o.w += v.w;
         }
-        const float inv = 1.0f / sl[g];
-        float* out = at<float>(c, a.out) + (u64)(h * G + g) * hd + 4 * e4;
-        out[0] = o.x * inv; out[1] = o.y * inv; out[2] = o.z * inv; out[3] = o.w * inv;
+        if (sa == 1) {
+            const float inv = 1.0f / sl[g];
+            float* ob = out + (u64)g * hd + 4 * e4;
+            ob[0] = o.x * inv; ob[1] = o.y * inv; ob[2] = o.z * inv; ob[3] = o.w * inv;
+        } else {
+            float* part = c.scratch + ((u64)(h * G + g) * S + sp) * (hd + 2);
+            part[2 + 4 * e4] = o.x; part[3 + 4 * e4] = o.y; part[4 + 4 * e4] = o.z; part[5 + 4 * e4] = o.w;
+            if (e4 == 0) { part[0] = sm[g]; part[1] = sl[g]; }
+        }
     }
+    if (sa > 1) {
+        __threadfence();
+        __syncthreads();
+        if (t == 0) {
+            u32* cnt = c.counters + h;
+            const u32 old = atomicAdd(cnt, 1u);
+            last = old == sa - 1;
+            if (last) *cnt = 0;
+        }
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        for (u32 i = t; i < G * hd; i += RKA_T) {
+            const u32 g = i / hd, dd = i % hd;
+            const float* part0 = c.scratch + (u64)(h * G + g) * S * (hd + 2);
+            float M = -INFINITY;
+            for (u32 q = 0; q < sa; q++) M = fmaxf(M, __ldcg(part0 + q * (hd + 2)));
+            float L = 0.0f, o = 0.0f;
+            for (u32 q = 0; q < sa; q++) {
+                const float* pq = part0 + q * (hd + 2);
+                const float ms = __ldcg(pq);
+                if (ms > -INFINITY) {
+                    const float e = expf(ms - M);
+                    L += __ldcg(pq + 1) * e;
+                    o += __ldcg(pq + 2 + dd) * e;
+                }
+            }
+            out[(u64)g * hd + dd] = o / L;
+        }
+    }
+    // The rope op's output: q rotated (every block of the group has read q).
+    for (u32 i = t; i < G * hd; i += RKA_T) qx[i] = qr[i / hd][i % hd];
 }
 
 extern "C" __global__ void __launch_bounds__(RKA_T) rope_kv_attn_f32(const Ctx c, const RopeKvAttn f) {
-    PDL_ENTER();
     rope_kv_attn_body<false>(c, f);
 }
 extern "C" __global__ void __launch_bounds__(RKA_T) rope_kv_attn_f16(const Ctx c, const RopeKvAttn f) {
-    PDL_ENTER();
     rope_kv_attn_body<true>(c, f);
 }

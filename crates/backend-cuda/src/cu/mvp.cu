@@ -16,9 +16,12 @@
 //
 // After the wait each warp loads its part of x into registers (the columns its lanes
 // read in every stage). With `norm`, x is the rmsnorm's input and the registers hold
-// rmsnorm(x) * weight: every block recomputes the sum of squares (k floats from L2), and
-// the normalised row is also written to the rmsnorm's out, each 8-float chunk by one
-// block. With `pair`, a stage holds R / 2 gate rows, then the same R / 2 up rows; the
+// rmsnorm(x) * weight: every block recomputes the sum of squares while it copies x (k
+// floats from L2; no barrier of its own), the norm weight was read before the wait
+// (`nw_early`: no op writes it), and the normalised row is also written to the rmsnorm's
+// out, each 8-float chunk by one block. Timeline marks (SAMEPAGE_CUDA_TRACE=3): 7 x is
+// in shared memory, 5 the remaining stages are issued, 4 x is in registers, 6 the last
+// stage is done. With `pair`, a stage holds R / 2 gate rows, then the same R / 2 up rows; the
 // block writes both outputs and silu(g) * u to sw_out[j] (which may be gate's or up's
 // out: the same thread writes both, in order).
 #define MVP_SMAX 6
@@ -30,6 +33,7 @@ struct MvPipe {
     float eps;
     u32 pre;  // 1: some matvec has a bias or accumulates; the block's rows' values are read first
     u32 early; // stages issued before the PDL wait (the rest right after x is read)
+    u32 nw_early; // 1: no op writes the norm weight: it is read before the PDL wait
 };
 
 // Stage position t (0 .. R) of the stage starting at virtual row v0: its matrix and row,
@@ -125,26 +129,40 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (u32 s = 0; s < min(NS, g.early); s++) issue(s);
     }
+    // x (or rmsnorm(x) * weight) at this warp's columns: part p = warp % P. The block
+    // first copies x (and the norm weight) into shared memory with coalesced loads, once:
+    // read by every warp straight from L2, the few lines of x were a hot spot that
+    // 132 x 8 warps queued on (4 us for x, 12 with the weight, on an H100). The norm
+    // weight is a weight: read before the wait where no op writes it.
+    const u32 p = warp % P;
+    float* xs = (float*)(mvp_smem + NS * SB);
+    float* ws = xs + k;
+    const float4* w4 = (const float4*)at<float>(c, g.nw);
+    if (g.norm && g.nw_early)
+        for (u32 i = tid; i < k / 4; i += 256) ((float4*)ws)[i] = __ldg(w4 + i);
     __syncthreads(); // the barriers are initialised before anyone waits on them
     PDL_WAIT_ONLY();
     tl_guard_.waited();
 
-    // x (or rmsnorm(x) * weight) at this warp's columns: part p = warp % P. The block
-    // first copies x (and the norm weight) into shared memory with coalesced loads, once:
-    // read by every warp straight from L2, the few lines of x were a hot spot that
-    // 132 x 8 warps queued on (4 us for x, 12 with the weight, on an H100).
-    const u32 p = warp % P;
-    float* xs = (float*)(mvp_smem + NS * SB);
-    float* ws = xs + k;
     // Bias + the accumulated outputs' old values of the block's rows (`pre` > 0), read
     // now with x rather than one round trip per stage in the epilogue.
     float* prev = ws + (g.norm ? k : 0u);
     {
+        // With the norm, the sum of squares is taken here too (each element once per
+        // block; warp sums in red[], added after the barrier below).
         const float4* x4 = (const float4*)at<float>(c, g.norm ? g.nx : g.m[0].x);
-        const float4* w4 = (const float4*)at<float>(c, g.nw);
+        float ssq = 0.0f;
         for (u32 i = tid; i < k / 4; i += 256) {
-            ((float4*)xs)[i] = __ldcg(x4 + i);
-            if (g.norm) ((float4*)ws)[i] = __ldcg(w4 + i);
+            const float4 v = __ldcg(x4 + i);
+            ((float4*)xs)[i] = v;
+            if (g.norm) {
+                ssq = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ssq))));
+                if (!g.nw_early) ((float4*)ws)[i] = __ldcg(w4 + i);
+            }
+        }
+        if (g.norm) {
+            ssq = warp_sum(ssq);
+            if (lane == 0) red[warp] = ssq;
         }
         if (g.pre)
             for (u32 i = tid; i < nst * R; i += 256) {
@@ -159,8 +177,11 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
             }
     }
     __syncthreads();
-    if (tid == 0)
+    if (warp == 0) tl_guard_.mark(7);
+    if (tid == 0) {
         for (u32 s = g.early; s < NS; s++) issue(s);
+        tl_guard_.mark(5);
+    }
     float xr[J][8];
 #pragma unroll
     for (u32 j = 0; j < J; j++) {
@@ -170,21 +191,9 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
         xr[j][4] = b.x; xr[j][5] = b.y; xr[j][6] = b.z; xr[j][7] = b.w;
     }
     if (g.norm) {
-        float ss[J];
-#pragma unroll
-        for (u32 j = 0; j < J; j++) {
-            ss[j] = 0.0f;
-#pragma unroll
-            for (u32 e = 0; e < 8; e++) ss[j] = fmaf(xr[j][e], xr[j][e], ss[j]);
-        }
-        float st = 0.0f;
-#pragma unroll
-        for (u32 j = 0; j < J; j++) st += ss[j];
-        st = warp_sum(st);
-        if (lane == 0) red[warp] = st;
-        __syncthreads();
         float t = 0.0f;
-        for (u32 q = 0; q < P; q++) t += red[q]; // warps 0 .. P - 1 hold parts 0 .. P - 1
+#pragma unroll
+        for (u32 q = 0; q < 8; q++) t += red[q];
         const float inv = 1.0f / sqrtf(t / (float)k + g.eps);
         float* no = at<float>(c, g.nout);
 #pragma unroll
@@ -208,7 +217,6 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
         const u32 buf = s % NS;
         if (warp < RP) {
             mvp_wait_bar(bbase + 8 * buf, (s / NS) & 1);
-            if (s == 0 && warp == 0) tl_guard_.mark(5);
             // Part `warp` of the stage: row warp / P, part warp % P (= p).
             const uint4* w = (const uint4*)(mvp_smem + buf * SB + (warp / P) * rb + p * L * 2) + lane;
             // Loads four at a time, each feeding its own chain of 8 FMAs (registers: two

@@ -268,15 +268,20 @@ fn replay(qkv: [DType; 3]) {
 fn replayed_graph_with_fused_rope_kv_store() {
     let Some(gpu) = cuda() else { return };
     let cpu = cpu();
-    let (heads, kvh, hd, ctx) = (8usize, 2usize, 64usize, 24usize);
+    let (heads, kvh, hd) = (8usize, 2usize, 64usize);
     let mut worst: f64 = 0.0;
-    // With the attention after them the four ops run as one `rope_kv_attn` launch (a
-    // block per KV head); its output must match the CPU too.
-    for (mode, n_rot, scaled, cache, with_attn) in [
-        (abi::ROPE_HALF, 64u32, true, DType::F32, false),
-        (abi::ROPE_INTERLEAVED, 48, false, DType::F16, false),
-        (abi::ROPE_HALF, 64u32, true, DType::F32, true),
-        (abi::ROPE_INTERLEAVED, 48, false, DType::F16, true),
+    // With the attention after them the four ops run as one `rope_kv_attn` launch (blocks
+    // per KV head and chunk of positions, merged by the last); its output must match the
+    // CPU too. ctx 300: up to 10 chunks of >= 32 positions and a tile past the first 64
+    // of a chunk. `pre`: a scale op first, so that the fused launch reads the staged
+    // position and the older cache rows before its PDL wait (graph.rs `tok_ready_early`).
+    for (mode, n_rot, scaled, cache, with_attn, ctx, pre) in [
+        (abi::ROPE_HALF, 64u32, true, DType::F32, false, 24usize, false),
+        (abi::ROPE_INTERLEAVED, 48, false, DType::F16, false, 24, false),
+        (abi::ROPE_HALF, 64u32, true, DType::F32, true, 24, false),
+        (abi::ROPE_INTERLEAVED, 48, false, DType::F16, true, 24, false),
+        (abi::ROPE_HALF, 64u32, true, DType::F16, true, 300, true),
+        (abi::ROPE_INTERLEAVED, 48, false, DType::F32, true, 300, false),
     ] {
         let mut rng = Rng::new(31);
         let mut img = Image::default();
@@ -287,6 +292,7 @@ fn replayed_graph_with_fused_rope_kv_store() {
         let (qo, ko, vo) = (img.f32s(&qv), img.f32s(&kv), img.f32s(&vv));
         let pos = img.u32s(&[0]);
         let ao = img.out(4 * heads * hd);
+        let (sx, so) = (img.f32s(&rng.f32s(64)), img.out(4 * 64));
         let l = img.size();
         let rope = |x, h: usize| abi::Rope {
             x,
@@ -302,7 +308,17 @@ fn replayed_graph_with_fused_rope_kv_store() {
             high_freq_factor: if scaled { 4.0 } else { 0.0 },
             original_context: if scaled { 8192 } else { 0 },
         };
-        let mut ops = vec![
+        let mut ops = Vec::new();
+        if pre {
+            let sc = abi::Scale {
+                x: sx,
+                out: so,
+                len: 64,
+                scale: 0.5,
+            };
+            ops.push(op(code::SCALE, &sc, l));
+        }
+        ops.extend([
             op(code::ROPE, &rope(qo, heads), l),
             op(code::ROPE, &rope(ko, kvh), l),
             op(
@@ -321,7 +337,7 @@ fn replayed_graph_with_fused_rope_kv_store() {
                 },
                 l,
             ),
-        ];
+        ]);
         if with_attn {
             ops.push(op(
                 code::ATTENTION,
@@ -359,7 +375,8 @@ fn replayed_graph_with_fused_rope_kv_store() {
             let res = g.wait();
             if step == ctx as u32 {
                 let e = res.expect_err("a position past the cache must fail").to_string();
-                assert!(e.contains("op 2") && e.contains("kv_store"), "{e}");
+                let kv_op = if pre { "op 3" } else { "op 2" };
+                assert!(e.contains(kv_op) && e.contains("kv_store"), "{e}");
                 break;
             }
             res.unwrap();
