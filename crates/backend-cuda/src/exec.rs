@@ -160,7 +160,8 @@ pub(crate) struct Scratch {
     counters: u64,
 }
 
-/// Words in a scratch's counter buffer.
+/// Words in a scratch's counter buffer: attention's split counters below the last one,
+/// the greedy sampler's merge counter the last (`SAMPLE_COUNTER` in cu/sample.cu).
 pub(crate) const COUNTERS: usize = 4096;
 
 impl Scratch {
@@ -457,6 +458,35 @@ fn matvec_aux(base: u64, m: &abi::Matmul, rows: u64, sms: u32) -> (u32, u64) {
     }
 }
 
+/// Dynamic shared memory of a quantized single-token matvec's TMA chunk ring (`QRing` in
+/// matmul.cu: per warp as many chunks of 32 blocks / 8 super-blocks, plus 16 bytes, as
+/// fit 56 KiB for the 8 warps, at most 8); `None` for the dense types.
+pub(crate) fn qmv_ring_bytes(dt: DType) -> Option<u32> {
+    if matches!(dt, DType::F32 | DType::F16 | DType::BF16) {
+        return None;
+    }
+    let per_block = if dt.block_elems() == 32 { 1 } else { 4 };
+    let chunk = (32 / per_block) * dt.block_bytes() as u32;
+    let cp = (chunk + 16).div_ceil(16) * 16;
+    let nb = (57344 / (8 * cp)).min(8);
+    Some(8 * nb * cp)
+}
+
+/// `MV_TMA` (matmul.cu) for a quantized single-token matvec with this `aux`: the kernel
+/// has its ring, W rows are 16-byte aligned (aux bit 0), k fits one window; with the
+/// shared memory to launch with. `SAMEPAGE_CUDA_QMV_TMA=0`: off.
+fn qmv_tma(k: &Kernels, m: &abi::Matmul, aux: u32) -> (u32, u32) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_QMV_TMA").as_deref() != Ok("0"));
+    let ring = DType::from_u32(m.dtype).and_then(qmv_ring_bytes);
+    match ring {
+        Some(b) if on && k.qmv_tma.get(m.dtype as usize) == Some(&true) && aux & 1 != 0 && m.k <= 8192 => {
+            (aux | 1024, b)
+        }
+        _ => (aux, 0),
+    }
+}
+
 /// Byte ranges `[start, end)` a matvec reads and the one it writes.
 fn matvec_ranges(m: &abi::Matmul) -> (Vec<(u64, u64)>, (u64, u64)) {
     let dt = DType::from_u32(m.dtype).expect("validated dtype");
@@ -613,7 +643,7 @@ pub(crate) fn rope_kv_attn_fusable(ops: &[Op]) -> bool {
         || a.cache_dtype != s.cache_dtype
         || a.ctx != s.ctx
         || (rka_splits(&a) as u64) * (RKA_CH as u64) < a.ctx as u64
-        || a.n_kv_heads as usize > COUNTERS
+        || a.n_kv_heads as usize >= COUNTERS
         || a.pos != s.pos
     {
         return false;
@@ -852,6 +882,7 @@ pub(crate) fn launch_matvec_group(
         nm: nm.unwrap_or_default(),
     };
     let mut blocks = 0u64;
+    let mut smem = 0u32;
     let rows: u64 = ops
         .iter()
         .map(|op| if let Op::Matmul(m) = op { m.m as u64 } else { 0 })
@@ -861,19 +892,16 @@ pub(crate) fn launch_matvec_group(
             return Err(OpError::runtime("cuda: a matvec group holds a non-matmul op"));
         };
         let (aux, nblk) = matvec_aux(c.base, &m, rows, k.sms);
+        let (aux, ring) = qmv_tma(k, &m, aux);
+        smem = smem.max(ring);
         g.m[i] = m;
         g.aux[i] = aux | prefetch_bit() | early_bit(m.dtype);
         blocks += nblk;
         g.end[i] = u32::try_from(blocks).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
     }
-    go(
-        stream,
-        &k.matvecs[g.m[0].dtype as usize],
-        c,
-        g,
-        cfg(blocks, 256)?,
-        "matvecs",
-    )
+    let mut lc = cfg(blocks, 256)?;
+    lc.shared_mem_bytes = smem;
+    go(stream, &k.matvecs[g.m[0].dtype as usize], c, g, lc, "matvecs")
 }
 
 /// `struct MvPipe` of `cu/mvp.cu`.
@@ -1321,8 +1349,11 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
                     return Ok(());
                 }
                 let (aux, blocks) = matvec_aux(c.base, &m, m.m as u64, k.sms);
+                let (aux, ring) = qmv_tma(k, &m, aux);
                 c.aux = aux | prefetch_bit() | early_bit(m.dtype);
-                go(stream, &k.matvec[m.dtype as usize], c, m, cfg(blocks, 256)?, "matvec")
+                let mut lc = cfg(blocks, 256)?;
+                lc.shared_mem_bytes = ring;
+                go(stream, &k.matvec[m.dtype as usize], c, m, lc, "matvec")
             } else {
                 // Prefill: tensor cores through cuBLAS (see `prefill`), else the tiled kernel.
                 if crate::prefill::as_matvecs(&m) && k.blas.is_some() {
@@ -1361,7 +1392,7 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
             let s = attention_splits(&a);
             let blocks = a.n as u64 * a.n_heads as u64;
             // The last split to finish merges (counters), else a combine launch.
-            let fused = c.counters != 0 && blocks <= COUNTERS as u64;
+            let fused = c.counters != 0 && blocks < COUNTERS as u64;
             // Its chunks are >= 128 positions: fewer splits (<= `attention_splits`, which
             // sizes the scratch), so idle blocks don't each read the pos word.
             let sd = a.ctx.div_ceil(128).clamp(1, 64);
@@ -1389,7 +1420,17 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
         Op::Scale(s) => go(stream, &k.scale, c, s, cfg(elementwise_grid(s.len), 256)?, "scale"),
         Op::Softmax(s) => go(stream, &k.softmax, c, s, cfg(s.rows as u64, 1024)?, "softmax"),
         Op::Argmax(s) => go(stream, &k.argmax, c, s, cfg(s.rows as u64, 1024)?, "argmax"),
-        Op::Sample(s) => go(stream, &k.sample, c, s, cfg(1, 1024)?, "sample"),
+        Op::Sample(s) => {
+            // Greedy sampling spreads the argmax over blocks of 8192 logits (at most 64)
+            // and merges in the last (a counter, scratch for the partials): the grid is
+            // fixed at record time, the path is chosen on the device from the params.
+            let blocks = if c.counters != 0 && c.scratch != 0 {
+                s.vocab.div_ceil(8192).clamp(1, 64)
+            } else {
+                1
+            };
+            go(stream, &k.sample, c, s, cfg(blocks as u64, 1024)?, "sample")
+        }
     }
 }
 

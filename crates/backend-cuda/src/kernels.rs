@@ -140,6 +140,9 @@ pub struct Kernels {
     pub mvp_smem: u32,
     /// The dynamic shared memory an `mvp` block may use for two to fit on one SM.
     pub mvp_smem_pair: u32,
+    /// By dtype code: whether `matvec_<dtype>` and `matvecs_<dtype>` (quantized) were
+    /// granted the shared memory of the TMA chunk ring (`exec::qmv_ring_bytes`; sm_90).
+    pub qmv_tma: Vec<bool>,
     /// Multiprocessors of the device.
     pub sms: u32,
     /// Prefill GEMM helpers (cu/gemm.cu): x to f16 / bf16 scratch.
@@ -202,6 +205,20 @@ impl Kernels {
             }
             Ok(func)
         };
+        let matvec: Vec<CudaFunction> = DTYPE_SUFFIX
+            .iter()
+            .map(|s| f(&format!("matvec_{s}")))
+            .collect::<Result<_, _>>()?;
+        let matvecs: Vec<CudaFunction> = DTYPE_SUFFIX
+            .iter()
+            .map(|s| f(&format!("matvecs_{s}")))
+            .collect::<Result<_, _>>()?;
+        let qmv_tma = (0..DTYPE_SUFFIX.len())
+            .map(|i| {
+                let ring = samepage_abi::DType::from_u32(i as u32).and_then(crate::exec::qmv_ring_bytes);
+                major >= 9 && ring.is_some_and(|b| grant_smem(&matvec[i], b) && grant_smem(&matvecs[i], b))
+            })
+            .collect();
         Ok(Kernels {
             embed: f("embed")?,
             rmsnorm: f("rmsnorm")?,
@@ -219,18 +236,13 @@ impl Kernels {
             softmax: f("softmax")?,
             argmax: f("argmax")?,
             sample: f("sample")?,
-            matvec: DTYPE_SUFFIX
-                .iter()
-                .map(|s| f(&format!("matvec_{s}")))
-                .collect::<Result<_, _>>()?,
+            matvec,
             matmul: DTYPE_SUFFIX
                 .iter()
                 .map(|s| f(&format!("matmul_{s}")))
                 .collect::<Result<_, _>>()?,
-            matvecs: DTYPE_SUFFIX
-                .iter()
-                .map(|s| f(&format!("matvecs_{s}")))
-                .collect::<Result<_, _>>()?,
+            matvecs,
+            qmv_tma,
             mvs: DTYPE_SUFFIX[..3]
                 .iter()
                 .map(|s| f(&format!("mvs_{s}")))

@@ -15,6 +15,11 @@ __device__ __forceinline__ float store_out(const Ctx& c, const Matmul& mm, u32 t
 // block waits on the previous kernel (PDL) only after its warps' first two chunks of W
 // are in flight (`gemv_quant`), as the pipelined dense matvec issues its first stage.
 #define MV_EARLY 512u
+// aux bit 10 (quantized, sm_90, k <= QKW, 16-byte aligned rows; the host grants the
+// dynamic shared memory `QRing`): W's chunks reach shared memory by bulk copies (TMA)
+// into a ring of NB buffers per warp instead of through registers, so each warp keeps NB
+// chunks in flight (the register path holds two).
+#define MV_TMA 1024u
 
 // 8 activations from x (aligned: two float4 loads).
 __device__ __forceinline__ void load_x8(const float* x, float* xs, bool xa) {
@@ -244,6 +249,15 @@ MVS_KERNELS(bf16, DT_BF16)
 // are in flight in registers while one is decoded (the first two before x is quantized).
 // A warp's sum per row goes to `part[row][sub]`, summed in a fixed order at the end.
 template <u32 DT> struct QChunk { static constexpr u32 CB = 32 / QUnit<DT>::PER_BLOCK; };
+// The TMA path's ring (MV_TMA): per warp NB buffers of CP bytes (a chunk and 16 bytes of
+// slack for the decoders' word reads), NB as many as fit 56 KiB for the block's 8 warps,
+// at most 8. exec.rs `qmv_ring_bytes` computes the same.
+template <u32 DT> struct QRing {
+    static constexpr u32 CHUNK = QChunk<DT>::CB * blk_bytes(DT);
+    static constexpr u32 CP = (CHUNK + 16 + 15) / 16 * 16;
+    static constexpr u32 NB = 57344u / (8u * CP) < 8u ? 57344u / (8u * CP) : 8u;
+};
+#define QEARLY 2 // TMA path: chunks per warp issued before the PDL wait (MV_EARLY)
 #define QKW 8192
 #define QPART 512 // RB * wpr at most
 
@@ -349,6 +363,76 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
     u8* s = stage[warp];
     const XQ X = {xq, xd, xs};
     for (u32 i = threadIdx.x; i < R * wpr; i += blockDim.x) part[i] = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (vec && (c.aux & MV_TMA) && mm.k <= QKW) {
+        // This warp's items (local row, chunk) in the order of the register path below;
+        // lane 0 keeps NB of them in flight, item i in buffer i % NB.
+        constexpr u32 CP = QRing<DT>::CP, NB = QRing<DT>::NB;
+        extern __shared__ __align__(128) u8 qring[];
+        __shared__ __align__(8) u64 qbar[8][NB];
+        const u32 kw = mm.k, nch = (kw / BE + CB - 1) / CB;
+        const u32 rend = rl + nrows * RG;
+        const u32 ring = (u32)__cvta_generic_to_shared(qring + warp * NB * CP);
+        const u32 bars = (u32)__cvta_generic_to_shared(&qbar[warp][0]);
+        u32 prow = sub < nch ? rl : rend, pci = sub, issued = 0;
+        auto adv = [&](u32& row, u32& ci) {
+            ci += wpr;
+            if (ci >= nch) { ci = sub; row += RG; }
+        };
+        auto issue = [&]() {
+            if (prow >= rend) return;
+            const u32 off = pci * CHUNK, bytes = min(CHUNK, rb - off), b = issued % NB;
+            mvp_expect(bars + 8 * b, bytes);
+            mvp_bulk(ring + b * CP, w + (u64)prow * rb + off, bytes, bars + 8 * b);
+            adv(prow, pci);
+            issued++;
+        };
+        if (lane == 0) {
+            for (u32 i = 0; i < NB; i++)
+                asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bars + 8 * i) : "memory");
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+            if (c.aux & MV_EARLY)
+                for (u32 i = 0; i < min(NB, (u32)QEARLY); i++) issue();
+        }
+        __syncwarp();
+        if (c.aux & MV_EARLY) { // W's first chunks are in flight: now wait
+            PDL_WAIT_ONLY();
+            tg.waited();
+            PDL_TRIGGER();
+        }
+        if (nm.on) quantize_x(at<float>(c, nm.x), true, kw, xq, xd, xs, c, nm);
+        else quantize_x(at<float>(c, mm.x), xa, kw, xq, xd, xs, c, nm);
+        if (lane == 0)
+            while (issued < NB && prow < rend) issue();
+        __syncthreads();
+        u32 row = sub < nch ? rl : rend, ci = sub, done = 0;
+        float acc = 0.0f;
+        while (row < rend) {
+            const u32 b = done % NB;
+            mvp_wait_bar(bars + 8 * b, (done / NB) & 1);
+            const u8* sb = qring + (warp * NB + b) * CP;
+            const u32 units = min(CHUNK, rb - ci * CHUNK) / BB * UPB;
+            for (u32 u = lane; u < units; u += 32) acc += QUnit<DT>::dot(sb, u, X, ci * CE);
+            __syncwarp(); // every lane is done with buffer b
+            if (lane == 0) issue();
+            done++;
+            const u32 r = row;
+            adv(row, ci);
+            if (row != r) { // the row's last chunk of this warp
+                acc = warp_sum(acc);
+                if (lane == 0) part[r * wpr + sub] += acc;
+                acc = 0.0f;
+            }
+        }
+        __syncthreads();
+        for (u32 t = threadIdx.x; t < R; t += blockDim.x) {
+            float v = 0.0f;
+            for (u32 i = 0; i < wpr; i++) v += part[t * wpr + i];
+            store_out(c, mm, 0, r0 + t, v);
+        }
+        return;
+    }
+#endif
     uint4 ra[QREG], rc[QREG];
     const u32 nwin = (mm.k + QKW - 1) / QKW;
     for (u32 win = 0; win < nwin; win++) {
@@ -506,7 +590,7 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
 }
 
 #define MATMUL_KERNELS(NAME, DT, GEMV)                                                   \
-    extern "C" __global__ void __launch_bounds__(256) matvec_##NAME(const Ctx c, const Matmul mm) { \
+    extern "C" __global__ void __launch_bounds__(256, 2) matvec_##NAME(const Ctx c, const Matmul mm) { \
         const u32 bx = blockIdx.x;                                                       \
         TlGuard tl_guard_(c);                                                            \
         const XNorm nm_ = {0, 0, 0, 0, 0.0f};                                            \
@@ -514,7 +598,7 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
         if (!(c.aux & MV_EARLY)) { PDL_WAIT_ONLY(); tl_guard_.waited(); PDL_TRIGGER(); } \
         GEMV;                                                                            \
     }                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) matvecs_##NAME(const Ctx c0, const MatvecGroup g) { \
+    extern "C" __global__ void __launch_bounds__(256, 2) matvecs_##NAME(const Ctx c0, const MatvecGroup g) { \
         u32 i = 0;                                                                       \
         while (i + 1 < g.count && blockIdx.x >= g.end[i]) i++;                           \
         const u32 bx = blockIdx.x - (i ? g.end[i - 1] : 0u);                             \

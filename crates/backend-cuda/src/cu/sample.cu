@@ -9,6 +9,8 @@
 // over the value bits instead of a sort. Scratch: l (vocab,) f32, p (vocab,) f32
 // where p < 0 marks a dropped token.
 #define ST 1024
+// The counter word (c.counters) of the greedy path's merge; attention uses the low ones.
+#define SAMPLE_COUNTER 4095
 
 __device__ __forceinline__ u32 order_key(float v) {
     u32 u = __float_as_uint(v);
@@ -240,26 +242,66 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         if (hist[j] >= V) { hb = 1; report(c, ERR_SAMPLE_HISTORY_ID, hist[j], j); }
     if (__syncthreads_or(hb)) return;
 
-    // Greedy without a penalty: the argmax straight from the logits, 8 loads in flight.
+    // Greedy without a penalty: the argmax straight from the logits, 8 loads in flight,
+    // block b of the grid over its slice of the vocabulary; with several blocks each
+    // writes (value, index) to scratch and the last to finish (counter SAMPLE_COUNTER)
+    // merges them. Every other path runs in block 0 alone.
     if (p.temperature <= 0.0f && p.repeat_penalty == 1.0f) {
         const float* logits = at<float>(c, s.logits);
+        const u32 nb = gridDim.x, per = (V + nb - 1) / nb, v0 = min(V, blockIdx.x * per), v1 = min(V, v0 + per);
         float bv = -INFINITY;
-        u32 bi = 0xffffffffu, t = tid;
-        for (; t + 7 * ST < V; t += 8 * ST) {
+        u32 bi = 0xffffffffu, t = v0 + tid;
+        for (; t + 7 * ST < v1; t += 8 * ST) {
             float v[8];
 #pragma unroll
             for (int u = 0; u < 8; u++) v[u] = __ldcs(logits + t + u * ST);
 #pragma unroll
             for (int u = 0; u < 8; u++) argmax_merge(bv, bi, v[u] != v[u] ? -INFINITY : v[u], t + u * ST);
         }
-        for (; t < V; t += ST) {
+        for (; t < v1; t += ST) {
             float v = __ldcs(logits + t);
             argmax_merge(bv, bi, v != v ? -INFINITY : v, t);
         }
         u32 r = block_argmax(bv, bi);
-        if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
+        if (nb == 1) {
+            if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
+            return;
+        }
+        __shared__ u32 last;
+        if (tid == 0) {
+            float rv = -INFINITY;
+            if (r != 0xffffffffu) {
+                rv = logits[r];
+                if (rv != rv) rv = -INFINITY;
+            }
+            c.scratch[2 * blockIdx.x] = rv;
+            ((u32*)c.scratch)[2 * blockIdx.x + 1] = r;
+            __threadfence();
+            const u32 old = atomicAdd(c.counters + SAMPLE_COUNTER, 1u);
+            last = old == nb - 1;
+            if (last) c.counters[SAMPLE_COUNTER] = 0;
+        }
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        if (tid < 32) {
+            float mv = -INFINITY;
+            u32 mi = 0xffffffffu;
+            for (u32 b = tid; b < nb; b += 32) {
+                const u32 i = __ldcg((const u32*)c.scratch + 2 * b + 1);
+                if (i != 0xffffffffu) argmax_merge(mv, mi, __ldcg(c.scratch + 2 * b), i);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(0xffffffffu, mv, o);
+                const u32 oi = __shfl_xor_sync(0xffffffffu, mi, o);
+                if (oi != 0xffffffffu) argmax_merge(mv, mi, ov, oi);
+            }
+            if (tid == 0) *at<u32>(c, s.out) = mi == 0xffffffffu ? 0u : mi;
+        }
         return;
     }
+    if (blockIdx.x != 0) return;
     float* l = c.scratch;
     float* pb = c.scratch + V;
     // Coalesced, and the loads independent of the stores (the logits may live in host

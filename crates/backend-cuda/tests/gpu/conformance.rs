@@ -616,6 +616,67 @@ fn sample_matches_the_cpu_draw_for_draw() {
     }
 }
 
+/// Greedy sampling over a Llama-3-sized vocabulary runs as several blocks whose maxima the
+/// last block merges: the same token as the CPU (the first index among equal maxima, a NaN
+/// never chosen), launch after launch of one graph (the merge counter re-arms).
+#[test]
+fn greedy_sample_over_blocks_matches_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let cpu = cpu();
+    let mut rng = Rng::new(77);
+    let vocab = 128_256usize + 7;
+    let mut img = Image::default();
+    let lo = img.f32s(&vec![0.0; vocab]);
+    let po = img.put(samepage_abi::pod_bytes(&SampleParams::default()));
+    let ho = img.u32s(&[0; 4]);
+    let ro = img.put(&3u64.to_le_bytes());
+    let oo = img.out(4);
+    let d = abi::Sample {
+        logits: lo,
+        vocab: vocab as u32,
+        params: po,
+        history: ho,
+        history_cap: 4,
+        rng: ro,
+        out: oo,
+    };
+    let ops = vec![op(code::SAMPLE, &d, img.size())];
+    let (rg, rc) = (load(&gpu, &img), load(&cpu, &img));
+    let mut g = gpu.record(ops.clone()).unwrap();
+    let mut cg = cpu.record(ops).unwrap();
+    for case in 0..10 {
+        let mut l: Vec<f32> = (0..vocab).map(|_| rng.f32() * 6.0 - 3.0).collect();
+        match case {
+            // Whole numbers: many equal maxima in every block.
+            1 => l.iter_mut().for_each(|x| *x = x.round()),
+            2 => l[vocab - 1] = 10.0,
+            // Equal maxima in two blocks, and NaNs around them.
+            3 => {
+                l[100_000] = 9.0;
+                l[9_000] = 9.0;
+                l[8_999] = f32::NAN;
+                l[120_000] = f32::NAN;
+            }
+            4 => l[..60_000].iter_mut().for_each(|x| *x = f32::NEG_INFINITY),
+            5 => l.iter_mut().for_each(|x| *x = f32::NEG_INFINITY),
+            6 => l[0] = 7.0,
+            _ => {}
+        }
+        for r in [&rg, &rc] {
+            for (i, x) in l.iter().enumerate() {
+                r.mem().write_u32(lo + 4 * i as u32, x.to_bits()).unwrap();
+            }
+        }
+        g.launch(rg.mem()).unwrap();
+        g.wait().unwrap();
+        cg.launch(rc.mem()).unwrap();
+        cg.wait().unwrap();
+        let (a, b) = (snapshot(&rg), snapshot(&rc));
+        let (tg, tc) = (read_u32s(&a, oo, 1)[0], read_u32s(&b, oo, 1)[0]);
+        assert_eq!(tg, tc, "case {case}: gpu token {tg}, cpu {tc}");
+    }
+}
+
 /// Prefill ops (n > 1: cuBLAS GEMMs with their scratch, the tiled attention) recorded as
 /// one CUDA graph by stream capture and replayed at two positions: the same results as
 /// the CPU's graph.
