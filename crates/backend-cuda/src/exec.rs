@@ -160,9 +160,12 @@ pub(crate) struct Scratch {
     counters: u64,
 }
 
-/// Words in a scratch's counter buffer: attention's split counters below the last one,
-/// the greedy sampler's merge counter the last (`SAMPLE_COUNTER` in cu/sample.cu).
+/// Words in a scratch's counter buffer: attention's split counters below the last
+/// `RESERVED_COUNTERS`: the quantized matvec's tile counter and blocks-done word
+/// (`QMV_COUNTER` in cu/matmul.cu: 4093, 4094) and the greedy sampler's merge counter
+/// (`SAMPLE_COUNTER` in cu/sample.cu: 4095).
 pub(crate) const COUNTERS: usize = 4096;
+pub(crate) const RESERVED_COUNTERS: usize = 3;
 
 impl Scratch {
     pub fn empty() -> Scratch {
@@ -293,6 +296,8 @@ pub(crate) struct MatvecGroup {
     end: [u32; 3],
     aux: [u32; 3],
     nm: XNorm,
+    pair: u32,
+    sw_out: u32,
 }
 
 /// `struct XNorm` of `cu/matmul.cu`: the rmsnorm fused into a quantized group's x.
@@ -487,6 +492,27 @@ fn qmv_tma(k: &Kernels, m: &abi::Matmul, aux: u32) -> (u32, u32) {
     }
 }
 
+/// `MV_DYN` (matmul.cu) for a quantized matvec launch on the TMA path (`aux` with MV_TMA,
+/// one warp per row) of `tiles` tiles: a grid of two blocks per SM that take tiles from a
+/// counter. `SAMEPAGE_CUDA_QMV_DYN`: 2 (default) where the tiles are at least two waves
+/// of blocks (the output head), 1 where there are at least 1.5 tiles per block (also the
+/// gate/up pairs, in tiles of 16 rows), 0 never. Returns the aux and the grid.
+fn qmv_dyn(k: &Kernels, c: &KCtx, aux: u32, tiles: u64) -> (u32, u64) {
+    static MODE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let mode = *MODE.get_or_init(|| env_num("SAMEPAGE_CUDA_QMV_DYN").unwrap_or(2));
+    let grid = 2 * k.sms.max(1) as u64;
+    let enough = match mode {
+        0 => false,
+        1 => 2 * tiles >= 3 * grid,
+        _ => tiles >= 2 * grid,
+    };
+    if enough && c.counters != 0 && aux & 1024 != 0 && (aux >> 4) & 3 == 0 {
+        (aux | 2048, grid)
+    } else {
+        (aux, tiles)
+    }
+}
+
 /// Byte ranges `[start, end)` a matvec reads and the one it writes.
 fn matvec_ranges(m: &abi::Matmul) -> (Vec<(u64, u64)>, (u64, u64)) {
     let dt = DType::from_u32(m.dtype).expect("validated dtype");
@@ -589,7 +615,8 @@ struct RopeKvAttn {
 unsafe impl samepage_abi::Pod for RopeKvAttn {}
 
 /// Most positions per block and GQA group size of the fused decode attention
-/// (`rope_kv_attn`), and the blocks it aims at (about one per SM).
+/// (`rope_kv_attn`), and the blocks it aims at (about one per SM;
+/// `SAMEPAGE_CUDA_ATTN_BLOCKS` overrides).
 const RKA_CH: u32 = 256;
 const RKA_G: u32 = 4;
 const RKA_BLOCKS: u32 = 128;
@@ -598,7 +625,10 @@ const RKA_BLOCKS: u32 = 128;
 /// all, at least enough that a split holds at most RKA_CH positions, and no more than
 /// the attention op's scratch has room for (`attention_splits`).
 fn rka_splits(a: &abi::Attention) -> u32 {
-    RKA_BLOCKS
+    static BLOCKS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let blocks =
+        *BLOCKS.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN_BLOCKS").map_or(RKA_BLOCKS, |b| b.clamp(1, 4096) as u32));
+    blocks
         .div_ceil(a.n_kv_heads.max(1))
         .max(a.ctx.div_ceil(RKA_CH))
         .min(attention_splits(a))
@@ -643,7 +673,7 @@ pub(crate) fn rope_kv_attn_fusable(ops: &[Op]) -> bool {
         || a.cache_dtype != s.cache_dtype
         || a.ctx != s.ctx
         || (rka_splits(&a) as u64) * (RKA_CH as u64) < a.ctx as u64
-        || a.n_kv_heads as usize >= COUNTERS
+        || a.n_kv_heads as usize + RESERVED_COUNTERS > COUNTERS
         || a.pos != s.pos
     {
         return false;
@@ -851,8 +881,65 @@ pub(crate) fn launch_matvecs_swiglu(
     if nm.is_none() && launch_stream(k, stream, c, &[g, u], Some(s.out))? {
         return Ok(());
     }
+    if launch_quant_pair(k, stream, c, g, u, s, nm)? {
+        return Ok(());
+    }
     launch_matvec_group(k, stream, c, &ops[..2], nm)?;
     launch_op(k, stream, KCtx { op: c.op + 2, ..c }, &ops[2])
+}
+
+/// Quantized gate/up/swiglu (accepted by [`swiglu_pairable`]) as one launch: each block
+/// takes the same rows of gate and up through the TMA path and writes the swiglu too
+/// (`gemv_quant`'s `up`). Where the TMA path runs for both with one warp per row, unless
+/// `SAMEPAGE_CUDA_QMV_PAIR=0`; whether it launched.
+fn launch_quant_pair(
+    k: &Kernels,
+    stream: &CudaStream,
+    c: KCtx,
+    g: abi::Matmul,
+    u: abi::Matmul,
+    s: abi::SwiGlu,
+    nm: Option<XNorm>,
+) -> Result<bool, OpError> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_QMV_PAIR").as_deref() != Ok("0"));
+    if !on || g.m != u.m || DType::from_u32(g.dtype).and_then(qmv_ring_bytes).is_none() {
+        return Ok(false);
+    }
+    let rows = 2 * g.m as u64;
+    let (ag, _) = matvec_aux(c.base, &g, rows, k.sms);
+    let (au, _) = matvec_aux(c.base, &u, rows, k.sms);
+    let ((ag, ring), (au, _)) = (qmv_tma(k, &g, ag), qmv_tma(k, &u, au));
+    // One warp per row (split bits 4-5 zero): rows per block a multiple of 8.
+    let per = (ag >> 16) & 0xff;
+    if ag & au & 1024 == 0 || (ag >> 4) & 3 != 0 || per < 2 || per % 2 != 0 {
+        return Ok(false);
+    }
+    // Taken from a counter (`qmv_dyn`), tiles of 32 virtual rows (16 of gate, 16 of up:
+    // with 2 chunks a row, 8 items per warp over two tiles, more than a ring holds).
+    let (ag, per) = match qmv_dyn(k, &c, ag, (g.m as u64).div_ceil(16)) {
+        (a, _) if a & 2048 != 0 => (a & !(0xff << 16) | 32 << 16, 32),
+        (a, _) => (a, per),
+    };
+    let blocks = if ag & 2048 != 0 {
+        2 * k.sms.max(1) as u64
+    } else {
+        (g.m as u64).div_ceil(per as u64 / 2)
+    };
+    let end = u32::try_from(blocks).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
+    let grp = MatvecGroup {
+        m: [g, u, abi::Matmul::default()],
+        count: 2,
+        end: [end, end, 0],
+        aux: [ag | prefetch_bit() | early_bit(g.dtype), 0, 0],
+        nm: nm.unwrap_or_default(),
+        pair: 1,
+        sw_out: s.out,
+    };
+    let mut lc = cfg(blocks, 256)?;
+    lc.shared_mem_bytes = ring;
+    go(stream, &k.matvecs[g.dtype as usize], c, grp, lc, "matvecs")?;
+    Ok(true)
 }
 
 /// The matvec descriptors among `ops` (in order).
@@ -880,6 +967,8 @@ pub(crate) fn launch_matvec_group(
         end: [0; 3],
         aux: [0; 3],
         nm: nm.unwrap_or_default(),
+        pair: 0,
+        sw_out: 0,
     };
     let mut blocks = 0u64;
     let mut smem = 0u32;
@@ -898,6 +987,13 @@ pub(crate) fn launch_matvec_group(
         g.aux[i] = aux | prefetch_bit() | early_bit(m.dtype);
         blocks += nblk;
         g.end[i] = u32::try_from(blocks).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
+    }
+    if g.count == 1 {
+        // One matrix (the output head with its rmsnorm): tiles from a counter (`qmv_dyn`).
+        let (aux, grid) = qmv_dyn(k, &c, g.aux[0], blocks);
+        g.aux[0] = aux;
+        blocks = grid;
+        g.end[0] = u32::try_from(grid).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
     }
     let mut lc = cfg(blocks, 256)?;
     lc.shared_mem_bytes = smem;
@@ -1350,6 +1446,7 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
                 }
                 let (aux, blocks) = matvec_aux(c.base, &m, m.m as u64, k.sms);
                 let (aux, ring) = qmv_tma(k, &m, aux);
+                let (aux, blocks) = qmv_dyn(k, &c, aux, blocks);
                 c.aux = aux | prefetch_bit() | early_bit(m.dtype);
                 let mut lc = cfg(blocks, 256)?;
                 lc.shared_mem_bytes = ring;
@@ -1392,7 +1489,7 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
             let s = attention_splits(&a);
             let blocks = a.n as u64 * a.n_heads as u64;
             // The last split to finish merges (counters), else a combine launch.
-            let fused = c.counters != 0 && blocks < COUNTERS as u64;
+            let fused = c.counters != 0 && blocks + RESERVED_COUNTERS as u64 <= COUNTERS as u64;
             // Its chunks are >= 128 positions: fewer splits (<= `attention_splits`, which
             // sizes the scratch), so idle blocks don't each read the pos word.
             let sd = a.ctx.div_ceil(128).clamp(1, 64);

@@ -376,8 +376,23 @@ impl CudaOpGraph {
         let mut prev_end = 0.0;
         let mut by: Vec<(String, f64, u32)> = Vec::new();
         for (j, &step) in self.steps.iter().enumerate() {
-            let o = Self::step_op(step);
-            let c = &w[8 * o..8 * o + 8];
+            // A matvec step's kernels carry the index of its first op, or (quantized with
+            // the rmsnorm fused) of its first matvec: the slots of all its ops, merged.
+            let ops = match step {
+                Step::Mv(s) => s.at..s.at + s.ops(),
+                _ => Self::step_op(step)..Self::step_op(step) + 1,
+            };
+            let mut c = [u64::MAX, u64::MAX, 0, 0, 0, 0, 0, 0];
+            for o in ops {
+                let s = &w[8 * o..8 * o + 8];
+                c[0] = c[0].min(s[0]);
+                c[1] = c[1].min(s[1]);
+                c[2] = c[2].max(s[2]);
+                c[3] = c[3].max(s[3]);
+                if c[4..].iter().all(|&m| m == 0) {
+                    c[4..].copy_from_slice(&s[4..]);
+                }
+            }
             let (st, w0, w1, en) = (us(c[0]), us(c[1]), us(c[2]), us(c[3]));
             let name = self.step_name(step);
             let marks: String = c[4..]

@@ -54,6 +54,10 @@ enum Cmd {
         /// Repetitions.
         #[arg(short = 'r', default_value_t = 5)]
         reps: u32,
+        /// Tokens already in the context when the tg test starts (its prompt; llama-bench's
+        /// `-d`): tg then decodes at positions depth .. depth + tg.
+        #[arg(short = 'd', long, default_value_t = 0)]
+        depth: u32,
         #[arg(long, default_value = "auto")]
         backend: String,
     },
@@ -176,8 +180,9 @@ fn main() {
             pp,
             tg,
             reps,
+            depth,
             backend,
-        } => bench(&model, pp, tg, reps, &backend),
+        } => bench(&model, pp, tg, reps, depth, &backend),
     };
     if let Err(e) = r {
         let _ = std::io::stdout().flush();
@@ -475,8 +480,8 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-fn bench(model: &Path, pp: u32, tg: u32, reps: u32, backend: &str) -> Result<()> {
-    let ctx = (pp + tg + 16).max(256);
+fn bench(model: &Path, pp: u32, tg: u32, reps: u32, depth: u32, backend: &str) -> Result<()> {
+    let ctx = (pp.max(depth) + tg + 16).max(256);
     let (mut s, _) = load(model, backend, ctx, false)?;
     let vocab = s.model["vocab"].as_u64().unwrap_or(32000) as u32;
     let threads = std::env::var("SAMEPAGE_THREADS")
@@ -513,13 +518,25 @@ fn bench(model: &Path, pp: u32, tg: u32, reps: u32, backend: &str) -> Result<()>
             ignore_eos: true,
             ..GenOptions::default()
         };
+        // The prompt (one token, or `depth` pseudo-random ones) is prefilled first; only the
+        // decode is timed.
+        let prompt: Vec<u32> = if depth == 0 {
+            vec![1u32.min(vocab - 1)]
+        } else {
+            (0..depth).map(|i| (i.wrapping_mul(2246822519) >> 9) % vocab).collect()
+        };
         let mut xs = Vec::new();
         for _ in 0..reps {
             s.reset()?;
-            let g = s.generate(json!({"tokens": [1u32.min(vocab - 1)]}), &opts, false, |_| false)?;
+            let g = s.generate(json!({ "tokens": prompt }), &opts, false, |_| false)?;
             xs.push(g.completion_tokens as f64 / (g.gen_ns as f64 * 1e-9));
         }
-        row(format!("tg{tg}"), &xs);
+        let at = if depth > 0 {
+            format!(" @ d{depth}")
+        } else {
+            String::new()
+        };
+        row(format!("tg{tg}{at}"), &xs);
     }
     Ok(())
 }

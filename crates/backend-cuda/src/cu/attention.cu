@@ -369,6 +369,9 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
         rope_angles(f.q, p, cs, sn);
     };
     if (early) prologue();
+    // A block past the last chunk has nothing to do: with the position known it leaves
+    // now instead of holding its SM slot through the wait (short contexts use few chunks).
+    if (early && (u64)pos + 1 <= s.ctx && sp >= sa) return;
     PDL_WAIT_ONLY();
     tl_guard_.waited();
     PDL_TRIGGER();

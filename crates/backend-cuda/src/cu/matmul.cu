@@ -20,6 +20,11 @@ __device__ __forceinline__ float store_out(const Ctx& c, const Matmul& mm, u32 t
 // into a ring of NB buffers per warp instead of through registers, so each warp keeps NB
 // chunks in flight (the register path holds two).
 #define MV_TMA 1024u
+// aux bit 11 (with MV_TMA, one warp per row, a single matvec or a gate/up pair): tiles
+// after the first are taken from a counter (c.counters[QMV_COUNTER], and the next word
+// counts the blocks done; the last re-arms both).
+#define MV_DYN 2048u
+#define QMV_COUNTER 4093
 
 // 8 activations from x (aligned: two float4 loads).
 __device__ __forceinline__ void load_x8(const float* x, float* xs, bool xa) {
@@ -343,9 +348,12 @@ __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint
     }
 }
 
+// `up` (TMA path only; exec.rs `launch_matvecs_swiglu`): the block takes RB / 2 rows of
+// mm (gate) and the same rows of upm, and writes silu(gate) * up to sw_out as well (the
+// swiglu op after them), each element by the thread that stored its gate and up values.
 template <u32 DT>
 __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u32 bx, const TlGuard& tg,
-                           const XNorm& nm) {
+                           const XNorm& nm, const bool up = false, const Matmul upm = Matmul{}, u32 sw_out = 0) {
     constexpr u32 CB = QChunk<DT>::CB, BB = blk_bytes(DT), BE = blk_elems(DT), UPB = QUnit<DT>::PER_BLOCK;
     constexpr u32 CHUNK = CB * BB, CE = CB * BE, CPW = QKW / CE, QREG = (CHUNK / 16 + 31) / 32;
     __shared__ __align__(16) u8 stage[8][CHUNK + 16];
@@ -355,8 +363,8 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
     __shared__ float part[QPART];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u32 ls = (c.aux >> 4) & 3, wpr = 1u << ls, sub = warp & (wpr - 1), rl = warp >> ls, RG = 8u >> ls;
-    const u32 RB = (c.aux >> 16) & 0xFF, r0 = bx * RB;
-    const u32 R = min(RB, mm.m - r0);
+    const u32 RB = (c.aux >> 16) & 0xFF, RBh = up ? RB / 2 : RB, r0 = bx * RBh;
+    const u32 Rh = min(RBh, mm.m - r0), R = up ? 2 * Rh : Rh; // virtual rows: gate, then up
     const u32 nrows = rl < R ? (R - rl + RG - 1) / RG : 0u; // this warp's rows
     const u32 rb = mm.k / BE * BB; // row bytes (a row lies inside the 4 GiB region)
     const u8* w = c.base + mm.w + (u64)r0 * rb;
@@ -365,74 +373,127 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
     for (u32 i = threadIdx.x; i < R * wpr; i += blockDim.x) part[i] = 0.0f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (vec && (c.aux & MV_TMA) && mm.k <= QKW) {
-        // This warp's items (local row, chunk) in the order of the register path below;
-        // lane 0 keeps NB of them in flight, item i in buffer i % NB.
+        // Tiles of RBh rows of mm (and with `up` the same rows of upm: 2 RBh virtual rows,
+        // gate then up). The block takes tile bx; with MV_DYN (one warp per row) it then
+        // takes tiles G, G + 1, ... from a counter, whoever asks first, so blocks that
+        // started late (their SM still held the previous kernel's blocks) do fewer, and x is
+        // quantized once per block. Tile ids: tq[k % 4] for the block's k-th tile; the id of
+        // tile k + 2 is fetched during tile k and published by the barrier that ends it.
+        // Each warp's items (row of the tile, chunk) run through a ring of NB buffers; lane
+        // 0 keeps NB of them in flight, into the next tile as well, item i in buffer i % NB.
         constexpr u32 CP = QRing<DT>::CP, NB = QRing<DT>::NB;
         extern __shared__ __align__(128) u8 qring[];
         __shared__ __align__(8) u64 qbar[8][NB];
-        const u32 kw = mm.k, nch = (kw / BE + CB - 1) / CB;
-        const u32 rend = rl + nrows * RG;
+        __shared__ u32 tq[4];
+        const bool dyn = c.aux & MV_DYN;
+        const u32 kw = mm.k, nch = (kw / BE + CB - 1) / CB, G = gridDim.x;
+        const u32 ntiles = (mm.m + RBh - 1) / RBh;
         const u32 ring = (u32)__cvta_generic_to_shared(qring + warp * NB * CP);
         const u32 bars = (u32)__cvta_generic_to_shared(&qbar[warp][0]);
-        u32 prow = sub < nch ? rl : rend, pci = sub, issued = 0;
-        auto adv = [&](u32& row, u32& ci) {
-            ci += wpr;
-            if (ci >= nch) { ci = sub; row += RG; }
+        u32* ctr = c.counters + QMV_COUNTER;
+        // Virtual rows of tile id t.
+        auto rows_of = [&](u32 t) {
+            const u32 h = t < ntiles ? min(RBh, mm.m - t * RBh) : 0u;
+            return up ? 2 * h : h;
         };
-        auto issue = [&]() {
-            if (prow >= rend) return;
+        // The producer: tile sequence pk, row and chunk in it.
+        u32 pk = 0, prow = rl, pci = sub, issued = 0;
+        auto issue = [&](u32 known) -> bool { // tiles below sequence `known` have ids
+            for (;;) {
+                if (pk >= known) return false;
+                const u32 t = tq[pk & 3], R = rows_of(t);
+                if (t >= ntiles) return false;
+                if (sub < nch && prow < R) break;
+                pk++;
+                prow = rl;
+                pci = sub;
+            }
+            const u32 t = tq[pk & 3], h = min(RBh, mm.m - t * RBh), r0t = t * RBh;
             const u32 off = pci * CHUNK, bytes = min(CHUNK, rb - off), b = issued % NB;
+            const u8* src = c.base + (prow < h ? mm.w + (u64)(r0t + prow) * rb : upm.w + (u64)(r0t + prow - h) * rb);
             mvp_expect(bars + 8 * b, bytes);
-            mvp_bulk(ring + b * CP, w + (u64)prow * rb + off, bytes, bars + 8 * b);
-            adv(prow, pci);
+            mvp_bulk(ring + b * CP, src + off, bytes, bars + 8 * b);
+            pci += wpr;
+            if (pci >= nch) { pci = sub; prow += RG; }
             issued++;
+            return true;
         };
+        if (threadIdx.x == 0) {
+            tq[0] = bx;
+            tq[1] = ntiles; // static: one tile (dynamic: fetched after the wait)
+        }
         if (lane == 0) {
             for (u32 i = 0; i < NB; i++)
                 asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bars + 8 * i) : "memory");
             asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-            if (c.aux & MV_EARLY)
-                for (u32 i = 0; i < min(NB, (u32)QEARLY); i++) issue();
         }
-        __syncwarp();
-        if (c.aux & MV_EARLY) { // W's first chunks are in flight: now wait
+        __syncthreads();
+        if (c.aux & MV_EARLY) { // W's first chunks in flight, then wait
+            if (lane == 0)
+                for (u32 i = 0; i < QEARLY && issue(1); i++) {}
             PDL_WAIT_ONLY();
             tg.waited();
             PDL_TRIGGER();
         }
+        if (dyn && threadIdx.x == 0) tq[1] = G + atomicAdd(ctr, 1u);
         if (nm.on) quantize_x(at<float>(c, nm.x), true, kw, xq, xd, xs, c, nm);
         else quantize_x(at<float>(c, mm.x), xa, kw, xq, xd, xs, c, nm);
+        for (u32 i = threadIdx.x; i < QPART; i += blockDim.x) part[i] = 0.0f;
+        __syncthreads(); // x, tq[1], part
         if (lane == 0)
-            while (issued < NB && prow < rend) issue();
-        __syncthreads();
-        u32 row = sub < nch ? rl : rend, ci = sub, done = 0;
-        float acc = 0.0f;
-        while (row < rend) {
-            const u32 b = done % NB;
-            mvp_wait_bar(bars + 8 * b, (done / NB) & 1);
-            const u8* sb = qring + (warp * NB + b) * CP;
-            const u32 units = min(CHUNK, rb - ci * CHUNK) / BB * UPB;
-            for (u32 u = lane; u < units; u += 32) acc += QUnit<DT>::dot(sb, u, X, ci * CE);
-            __syncwarp(); // every lane is done with buffer b
-            if (lane == 0) issue();
-            done++;
-            const u32 r = row;
-            adv(row, ci);
-            if (row != r) { // the row's last chunk of this warp
-                acc = warp_sum(acc);
-                if (lane == 0) part[r * wpr + sub] += acc;
-                acc = 0.0f;
+            while (issued < NB && issue(2)) {}
+        u32 done = 0;
+        for (u32 k = 0;; k++) {
+            const u32 t = tq[k & 3];
+            if (t >= ntiles) break;
+            const u32 R = rows_of(t), h = up ? R / 2 : R, r0t = t * RBh;
+            float* pt = part + (k & 1) * (QPART / 2);
+            if (dyn && threadIdx.x == 0) tq[(k + 2) & 3] = tq[(k + 1) & 3] < ntiles ? G + atomicAdd(ctr, 1u) : ntiles;
+            float acc = 0.0f;
+            for (u32 row = rl, ci = sub; sub < nch && row < R;) {
+                const u32 b = done % NB;
+                mvp_wait_bar(bars + 8 * b, (done / NB) & 1);
+                const u8* sb = qring + (warp * NB + b) * CP;
+                const u32 units = min(CHUNK, rb - ci * CHUNK) / BB * UPB;
+                for (u32 u = lane; u < units; u += 32) acc += QUnit<DT>::dot(sb, u, X, ci * CE);
+                __syncwarp(); // every lane is done with buffer b
+                if (lane == 0) issue(k + 2);
+                done++;
+                const u32 r = row;
+                ci += wpr;
+                if (ci >= nch) { ci = sub; row += RG; }
+                if (row != r) { // the row's last chunk of this warp
+                    acc = warp_sum(acc);
+                    if (lane == 0) pt[r * wpr + sub] += acc;
+                    acc = 0.0f;
+                }
             }
+            __syncthreads(); // the tile's sums; tq[k + 2]
+            for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
+                float v = 0.0f;
+                for (u32 j = 0; j < wpr; j++) { v += pt[i * wpr + j]; pt[i * wpr + j] = 0.0f; }
+                v = store_out(c, mm, 0, r0t + i, v);
+                if (up) {
+                    float u = 0.0f;
+                    for (u32 j = 0; j < wpr; j++) { u += pt[(i + h) * wpr + j]; pt[(i + h) * wpr + j] = 0.0f; }
+                    u = store_out(c, upm, 0, r0t + i, u);
+                    at<float>(c, sw_out)[r0t + i] = v / (1.0f + expf(-v)) * u;
+                }
+            }
+            if (lane == 0)
+                while (issued < done + NB && issue(k + 3)) {}
         }
-        __syncthreads();
-        for (u32 t = threadIdx.x; t < R; t += blockDim.x) {
-            float v = 0.0f;
-            for (u32 i = 0; i < wpr; i++) v += part[t * wpr + i];
-            store_out(c, mm, 0, r0 + t, v);
+        if (dyn && threadIdx.x == 0) { // the last block out re-arms the counters
+            __threadfence();
+            if (atomicAdd(ctr + 1, 1u) == G - 1) {
+                ctr[0] = 0;
+                ctr[1] = 0;
+            }
         }
         return;
     }
 #endif
+    if (up) return; // (the host pairs only where the TMA path runs)
     uint4 ra[QREG], rc[QREG];
     const u32 nwin = (mm.k + QKW - 1) / QKW;
     for (u32 win = 0; win < nwin; win++) {
@@ -564,7 +625,9 @@ __device__ void gemm_tiled(const Ctx& c, const Matmul& mm) {
 // bits 4-5: log2 of the warps per row (the launch has ceil(m * wpr / 8) blocks).
 // matvecs_<dtype>: up to 3 matvecs of one dtype in one launch (fused at record time:
 // q/k/v or gate/up reading the same x); block b belongs to the first i with b < end[i].
-struct MatvecGroup { Matmul m[3]; u32 count, end[3], aux[3]; XNorm nm; };
+// pair: gate (m[0]) and up (m[1]) rows side by side in each block with the swiglu into
+// sw_out (gemv_quant's `up`).
+struct MatvecGroup { Matmul m[3]; u32 count, end[3], aux[3]; XNorm nm; u32 pair, sw_out; };
 // aux bit 8: before waiting on the previous kernel (PDL), a block asks L2 to prefetch its
 // weight rows (one bulk prefetch per row per 64 KiB), so the stream from HBM overlaps the
 // previous kernel's tail and the small latency-bound kernels between matvecs. Only L2 is
@@ -594,6 +657,9 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
         const u32 bx = blockIdx.x;                                                       \
         TlGuard tl_guard_(c);                                                            \
         const XNorm nm_ = {0, 0, 0, 0, 0.0f};                                            \
+        const bool up_ = false;                                                          \
+        const Matmul upm_ = mm;                                                          \
+        const u32 sw_ = 0;                                                               \
         matvec_prefetch(c, mm, DT, bx);                                                  \
         if (!(c.aux & MV_EARLY)) { PDL_WAIT_ONLY(); tl_guard_.waited(); PDL_TRIGGER(); } \
         GEMV;                                                                            \
@@ -607,6 +673,9 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
         const Matmul mm = g.m[i];                                                        \
         TlGuard tl_guard_(c);                                                            \
         const XNorm nm_ = g.nm;                                                          \
+        const bool up_ = g.pair != 0;                                                    \
+        const Matmul upm_ = g.m[1];                                                      \
+        const u32 sw_ = g.sw_out;                                                        \
         matvec_prefetch(c, mm, DT, bx);                                                  \
         if (!(c.aux & MV_EARLY)) { PDL_WAIT_ONLY(); tl_guard_.waited(); PDL_TRIGGER(); } \
         GEMV;                                                                            \
@@ -617,10 +686,10 @@ __device__ __forceinline__ void matvec_prefetch(const Ctx& c, const Matmul& mm, 
 MATMUL_KERNELS(f32, DT_F32, gemv_dense<DT_F32>(c, mm, c.aux & 1, bx))
 MATMUL_KERNELS(f16, DT_F16, gemv_dense<DT_F16>(c, mm, c.aux & 1, bx))
 MATMUL_KERNELS(bf16, DT_BF16, gemv_dense<DT_BF16>(c, mm, c.aux & 1, bx))
-MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
-MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
-MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
-MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
-MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
-MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
-MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_))
+MATMUL_KERNELS(q8_0, DT_Q8_0, gemv_quant<DT_Q8_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_, up_, upm_, sw_))
+MATMUL_KERNELS(q4_0, DT_Q4_0, gemv_quant<DT_Q4_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_, up_, upm_, sw_))
+MATMUL_KERNELS(q4_1, DT_Q4_1, gemv_quant<DT_Q4_1>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_, up_, upm_, sw_))
+MATMUL_KERNELS(q5_0, DT_Q5_0, gemv_quant<DT_Q5_0>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_, up_, upm_, sw_))
+MATMUL_KERNELS(q4_k, DT_Q4_K, gemv_quant<DT_Q4_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_, up_, upm_, sw_))
+MATMUL_KERNELS(q5_k, DT_Q5_K, gemv_quant<DT_Q5_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_, up_, upm_, sw_))
+MATMUL_KERNELS(q6_k, DT_Q6_K, gemv_quant<DT_Q6_K>(c, mm, c.aux & 1, c.aux & 2, bx, tl_guard_, nm_, up_, upm_, sw_))
