@@ -32,6 +32,8 @@ for m in $M/hf $M/q8_0.gguf $M/q4_k_m.gguf; do
   [ -e $m ] || continue
   echo "== bench $m"
   peak timeout 150 /tmp/samepage bench --backend cuda -m $m -p 512 -n 128 -r 3
+  # tg128 with 512 tokens already in the context (positions 512-639).
+  timeout 150 /tmp/samepage bench --backend cuda -m $m -p 0 -n 128 -d 512 -r 3 | grep tg128
 done 2>&1 | tee "$OUT/bench.log"
 echo "== torch peer" | tee "$OUT/torch.log"
 timeout 120 python3 $C/torch_decode.py 2>&1 | tee -a "$OUT/torch.log"
