@@ -320,12 +320,7 @@ fn quant_norm(base: u64, n: Option<abi::RmsNorm>, ms: &[abi::Matmul]) -> Option<
     let n = n.filter(|_| on)?;
     let dt = DType::from_u32(ms.first()?.dtype)?;
     let al = |off: u32| (base + off as u64).is_multiple_of(16);
-    let ok = !matches!(dt, DType::F32 | DType::F16 | DType::BF16)
-        && n.dim <= 8192
-        && n.dim.is_multiple_of(8)
-        && al(n.x)
-        && al(n.weight)
-        && al(n.out);
+    let ok = quantized(dt) && n.dim <= QKW && n.dim.is_multiple_of(8) && al(n.x) && al(n.weight) && al(n.out);
     ok.then_some(XNorm {
         on: 1,
         x: n.x,
@@ -403,6 +398,18 @@ fn split_knobs() -> (u32, u64) {
     })
 }
 
+/// `aux` bits of the quantized single-token matvec kernels (matmul.cu `MV_EARLY`,
+/// `MV_TMA`, `MV_DYN`), and the longest row its x window holds (`QKW`).
+const MV_EARLY: u32 = 512;
+const MV_TMA: u32 = 1024;
+const MV_DYN: u32 = 2048;
+const QKW: u32 = 8192;
+
+/// Whether `dt` is a block-quantized type (the i16/dp2a matvec path).
+fn quantized(dt: DType) -> bool {
+    !matches!(dt, DType::F32 | DType::F16 | DType::BF16)
+}
+
 /// A numeric tuning switch from the environment (read once by each caller's `OnceLock`).
 fn env_num(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.parse().ok()
@@ -467,7 +474,7 @@ fn matvec_aux(base: u64, m: &abi::Matmul, rows: u64, sms: u32) -> (u32, u64) {
 /// matmul.cu: per warp as many chunks of 32 blocks / 8 super-blocks, plus 16 bytes, as
 /// fit 56 KiB for the 8 warps, at most 8); `None` for the dense types.
 pub(crate) fn qmv_ring_bytes(dt: DType) -> Option<u32> {
-    if matches!(dt, DType::F32 | DType::F16 | DType::BF16) {
+    if !quantized(dt) {
         return None;
     }
     let per_block = if dt.block_elems() == 32 { 1 } else { 4 };
@@ -485,8 +492,8 @@ fn qmv_tma(k: &Kernels, m: &abi::Matmul, aux: u32) -> (u32, u32) {
     let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_QMV_TMA").as_deref() != Ok("0"));
     let ring = DType::from_u32(m.dtype).and_then(qmv_ring_bytes);
     match ring {
-        Some(b) if on && k.qmv_tma.get(m.dtype as usize) == Some(&true) && aux & 1 != 0 && m.k <= 8192 => {
-            (aux | 1024, b)
+        Some(b) if on && k.qmv_tma.get(m.dtype as usize) == Some(&true) && aux & 1 != 0 && m.k <= QKW => {
+            (aux | MV_TMA, b)
         }
         _ => (aux, 0),
     }
@@ -506,8 +513,8 @@ fn qmv_dyn(k: &Kernels, c: &KCtx, aux: u32, tiles: u64) -> (u32, u64) {
         1 => 2 * tiles >= 3 * grid,
         _ => tiles >= 2 * grid,
     };
-    if enough && c.counters != 0 && aux & 1024 != 0 && (aux >> 4) & 3 == 0 {
-        (aux | 2048, grid)
+    if enough && c.counters != 0 && aux & MV_TMA != 0 && (aux >> 4) & 3 == 0 {
+        (aux | MV_DYN, grid)
     } else {
         (aux, tiles)
     }
@@ -786,7 +793,7 @@ fn stream_plan(base: u64, ms: &[abi::Matmul], sms: u32, swiglu_out: Option<u32>)
         return None;
     }
     let dt = DType::from_u32(ms.first()?.dtype)?;
-    if !matches!(dt, DType::F32 | DType::F16 | DType::BF16) || ms.len() > 3 {
+    if quantized(dt) || ms.len() > 3 {
         return None;
     }
     let rb = dt.row_bytes(ms[0].k as usize)? as u64;
@@ -912,19 +919,15 @@ fn launch_quant_pair(
     let ((ag, ring), (au, _)) = (qmv_tma(k, &g, ag), qmv_tma(k, &u, au));
     // One warp per row (split bits 4-5 zero): rows per block a multiple of 8.
     let per = (ag >> 16) & 0xff;
-    if ag & au & 1024 == 0 || (ag >> 4) & 3 != 0 || per < 2 || per % 2 != 0 {
+    if ag & au & MV_TMA == 0 || (ag >> 4) & 3 != 0 || per < 2 || per % 2 != 0 {
         return Ok(false);
     }
     // Taken from a counter (`qmv_dyn`), tiles of 32 virtual rows (16 of gate, 16 of up:
-    // with 2 chunks a row, 8 items per warp over two tiles, more than a ring holds).
-    let (ag, per) = match qmv_dyn(k, &c, ag, (g.m as u64).div_ceil(16)) {
-        (a, _) if a & 2048 != 0 => (a & !(0xff << 16) | 32 << 16, 32),
-        (a, _) => (a, per),
-    };
-    let blocks = if ag & 2048 != 0 {
-        2 * k.sms.max(1) as u64
-    } else {
-        (g.m as u64).div_ceil(per as u64 / 2)
+    // with 2 chunks a row, 8 items per warp over two tiles, more than a ring holds); else
+    // a block per `per` virtual rows.
+    let (ag, blocks) = match qmv_dyn(k, &c, ag, (g.m as u64).div_ceil(16)) {
+        (a, grid) if a & MV_DYN != 0 => (a & !(0xff << 16) | 32 << 16, grid),
+        (a, _) => (a, (g.m as u64).div_ceil(per as u64 / 2)),
     };
     let end = u32::try_from(blocks).map_err(|_| OpError::unsupported("cuda: matvec group too large"))?;
     let grp = MatvecGroup {
@@ -1301,9 +1304,9 @@ thread_local! {
 fn early_bit(dtype: u32) -> u32 {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_QMV_EARLY").as_deref() != Ok("0"));
-    let quant = DType::from_u32(dtype).is_some_and(|d| !matches!(d, DType::F32 | DType::F16 | DType::BF16));
+    let quant = DType::from_u32(dtype).is_some_and(quantized);
     if on && quant && crate::kernels::pdl() && PDL_NOW.with(|p| p.get()) && EARLY_NOW.with(|p| p.get()) {
-        512
+        MV_EARLY
     } else {
         0
     }

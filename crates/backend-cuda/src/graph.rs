@@ -282,12 +282,8 @@ impl CudaOpGraph {
 
     fn launch_step(&self, base: u64, j: usize, step: Step) -> Result<(), OpError> {
         let inner = &self.inner;
-        let (first, ops) = match step {
-            Step::One(i) => (i, &self.ops[i..i + 1]),
-            Step::Mv(s) => (s.at, &self.ops[s.at..s.at + s.ops()]),
-            Step::RopeKv(i) => (i + 2, &self.ops[i..i + 3]),
-            Step::RopeKvAttn(i) => (i + 2, &self.ops[i..i + 4]),
-        };
+        let (first, span) = Self::step_span(step);
+        let ops = &self.ops[span];
         if !matches!(step, Step::One(_)) {
             crate::prefill::forget_x(); // (launch_op forgets it itself)
         }
@@ -351,11 +347,14 @@ impl CudaOpGraph {
         }
     }
 
-    /// The op index a step's kernels carry (`KCtx::op`, the timeline's slot).
-    fn step_op(step: Step) -> usize {
+    /// The op index a step's kernels carry (`KCtx::op`: the kv_store's for the rope
+    /// fusions), and the ops the step runs.
+    fn step_span(step: Step) -> (usize, std::ops::Range<usize>) {
         match step {
-            Step::One(i) | Step::Mv(exec::MvStep { at: i, .. }) => i,
-            Step::RopeKv(i) | Step::RopeKvAttn(i) => i + 2,
+            Step::One(i) => (i, i..i + 1),
+            Step::Mv(s) => (s.at, s.at..s.at + s.ops()),
+            Step::RopeKv(i) => (i + 2, i..i + 3),
+            Step::RopeKvAttn(i) => (i + 2, i..i + 4),
         }
     }
 
@@ -376,14 +375,11 @@ impl CudaOpGraph {
         let mut prev_end = 0.0;
         let mut by: Vec<(String, f64, u32)> = Vec::new();
         for (j, &step) in self.steps.iter().enumerate() {
-            // A matvec step's kernels carry the index of its first op, or (quantized with
-            // the rmsnorm fused) of its first matvec: the slots of all its ops, merged.
-            let ops = match step {
-                Step::Mv(s) => s.at..s.at + s.ops(),
-                _ => Self::step_op(step)..Self::step_op(step) + 1,
-            };
+            // A step's kernels may carry any of its ops' indices (a quantized matvec step
+            // with the rmsnorm fused: its first matvec's; a step run as its parts: each
+            // part's): the slots of all its ops, merged (slots no kernel wrote are neutral).
             let mut c = [u64::MAX, u64::MAX, 0, 0, 0, 0, 0, 0];
-            for o in ops {
+            for o in Self::step_span(step).1 {
                 let s = &w[8 * o..8 * o + 8];
                 c[0] = c[0].min(s[0]);
                 c[1] = c[1].min(s[1]);
