@@ -105,8 +105,9 @@ impl Drop for Trace {
     }
 }
 
-/// `SAMEPAGE_CUDA_TRACE=3`: managed memory for the timeline words (8 per op), reset
-/// before the 16th launch and printed after it.
+/// `SAMEPAGE_CUDA_TRACE=3`: device memory for the timeline words (8 per op), reset
+/// before the 16th launch and printed after it. (Managed memory written by the host
+/// before the launch made the first kernel that touched it wait ~100 us for the page.)
 struct Timeline {
     ptr: u64,
     pending: bool,
@@ -200,11 +201,9 @@ impl CudaOpGraph {
         let trace = Trace::new();
         let timeline = match trace.as_ref() {
             Some(t) if t.level >= 3 => {
-                // SAFETY: a plain managed allocation, freed by `Timeline::drop`.
-                let ptr = unsafe {
-                    result::malloc_managed(64 * ops.len().max(1), sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL)
-                }
-                .map_err(|e| cuda_err("allocating the timeline", e))?;
+                // SAFETY: a plain device allocation, freed by `Timeline::drop`.
+                let ptr = unsafe { result::malloc_sync(64 * ops.len().max(1)) }
+                    .map_err(|e| cuda_err("allocating the timeline", e))?;
                 Some(Timeline { ptr, pending: false })
             }
             _ => None,
@@ -361,8 +360,12 @@ impl CudaOpGraph {
     /// Trace level 3: the timeline of the launch that just finished (`TlGuard` in
     /// common.cuh), one line per step, times in us from the first kernel's start.
     fn print_timeline(&self, tl: &Timeline) {
-        // SAFETY: managed memory of 8 words per op, the stream synchronised.
-        let w = unsafe { std::slice::from_raw_parts(tl.ptr as *const u64, 8 * self.ops.len()) };
+        let mut w = vec![0u64; 8 * self.ops.len()];
+        // SAFETY: device memory of 8 words per op, the stream synchronised.
+        if let Err(e) = unsafe { result::memcpy_dtoh_sync(&mut w, tl.ptr) } {
+            eprintln!("cuda timeline: reading it back failed: {e:?}");
+            return;
+        }
         let t0 = w.chunks(8).map(|c| c[0]).min().unwrap_or(0);
         let us = |t: u64| {
             if t == u64::MAX || t == 0 {
@@ -514,11 +517,11 @@ impl Graph for CudaOpGraph {
             // SAFETY: our events, our stream.
             let _ = unsafe { result::event::record(t.ev[0], inner.stream.cu_stream()) };
             if let Some(tl) = self.timeline.as_mut().filter(|_| t.count == 16) {
-                // SAFETY: managed memory of 8 words per op; the GPU is idle (waited).
-                let w = unsafe { std::slice::from_raw_parts_mut(tl.ptr as *mut u64, 8 * self.ops.len()) };
-                for c in w.chunks_mut(8) {
-                    c.copy_from_slice(&[u64::MAX, u64::MAX, 0, 0, 0, 0, 0, 0]);
-                }
+                let w: Vec<u64> = (0..self.ops.len())
+                    .flat_map(|_| [u64::MAX, u64::MAX, 0, 0, 0, 0, 0, 0])
+                    .collect();
+                // SAFETY: device memory of 8 words per op; the GPU is idle (waited).
+                unsafe { result::memcpy_htod_sync(tl.ptr, &w) }.map_err(|e| cuda_err("resetting the timeline", e))?;
                 tl.pending = true;
             }
         }

@@ -707,7 +707,7 @@ fn build_weights(c: &Config, store: Store, names: &Names) -> Result<Weights, Str
         } else {
             let v = to_f32(store.bytes(r), r.dtype)
                 .ok_or_else(|| format!("tensor {name} has type {}, expected a float type", r.dtype.name()))?;
-            let mut b = Buffer::try_new(v.len() * 4, 64).ok_or("out of guest memory")?;
+            let mut b = Buffer::try_pages(v.len() * 4).ok_or("out of guest memory")?;
             b.as_mut_slice::<f32>()[..v.len()].copy_from_slice(&v);
             b.hint(abi::hint::WEIGHTS);
             let off = b.offset();

@@ -111,7 +111,9 @@ pub fn state_bytes(c: &Config, ctx: u32, cache_dtype: DType) -> u64 {
 }
 
 fn buf(bytes: u64, what: &str, hint: u32) -> Result<Buffer, String> {
-    let b = Buffer::try_new(bytes as usize, 64)
+    // Whole pages: placement hints work in pages, and a heap object sharing a page with
+    // a device buffer would move that page between host and GPU every token.
+    let b = Buffer::try_pages(bytes as usize)
         .ok_or_else(|| format!("out of guest memory allocating the {what} ({} MiB)", bytes >> 20))?;
     b.hint(hint);
     Ok(b)

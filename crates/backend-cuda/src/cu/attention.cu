@@ -48,19 +48,7 @@ __device__ void att_combine(const float* part, u32 sa, u32 hd, float* out) {
 // this): the last of the `sa` splits to get here merges them, then re-arms its counter
 // `c.counters[idx]` (zero again for the next launch).
 __device__ void att_merge_last(const Ctx& c, u64 idx, u32 sa, const float* part0, u32 hd, float* out) {
-    __shared__ u32 last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        u32* cnt = c.counters + idx;
-        u32 old = atomicAdd(cnt, 1u);
-        last = old == sa - 1;
-        if (last) *cnt = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    att_combine(part0, sa, hd, out);
+    if (last_block(c.counters + idx, sa)) att_combine(part0, sa, hd, out);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention(const Ctx c, const Attention a) {
@@ -312,6 +300,8 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 // block writes the output; else each writes (max, sum, acc) per head and the last block
 // of the KV head to finish (counter c.counters[h]) merges them. The block that writes the
 // output also writes the rotated q (the rope op's output): every block has read q by then.
+// Timeline marks (SAMEPAGE_CUDA_TRACE=3, the latest over blocks): 4 q and k rotated, 5
+// softmax done, 6 the block's output or partial written, 7 the merge done.
 #define RKA_T 256
 #define RKA_CH 256
 #define RKA_MIN 32
@@ -332,7 +322,6 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
     __shared__ float sc[RKA_G][RKA_CH];
     __shared__ __align__(16) float4 red[RKA_T][RKA_G];
     __shared__ float sm[RKA_G], sl[RKA_G];
-    __shared__ u32 last;
     const Attention& a = f.a;
     const KvStore& s = f.s;
     const u32 S = c.aux & 0xffff;
@@ -419,6 +408,7 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
         for (u32 d = t; d < hd; d += RKA_T) kvs[1][d] = cache_round<F16>(vx[d]);
     }
     __syncthreads(); // k rotated in place, kvs, qs
+    tl_guard_.mark(4);
     if (writer) store_kv_head(c, s, (u64)h * hd, ((u64)h * s.ctx + pos) * hd);
 
     // Scores, RKA_T / 4 positions per tile; the first tile's K rows are in kp.
@@ -467,6 +457,7 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
         if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     }
     __syncthreads();
+    tl_guard_.mark(5);
     float4 acc[RKA_G];
 #pragma unroll
     for (u32 g = 0; g < RKA_G; g++) acc[g] = z4;
@@ -507,18 +498,9 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
             if (e4 == 0) { part[0] = sm[g]; part[1] = sl[g]; }
         }
     }
+    tl_guard_.mark(6);
     if (sa > 1) {
-        __threadfence();
-        __syncthreads();
-        if (t == 0) {
-            u32* cnt = c.counters + h;
-            const u32 old = atomicAdd(cnt, 1u);
-            last = old == sa - 1;
-            if (last) *cnt = 0;
-        }
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
+        if (!last_block(c.counters + h, sa)) return;
         for (u32 i = t; i < G * hd; i += RKA_T) {
             const u32 g = i / hd, dd = i % hd;
             const float* part0 = c.scratch + (u64)(h * G + g) * S * (hd + 2);
@@ -536,6 +518,7 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
             }
             out[(u64)g * hd + dd] = o / L;
         }
+        tl_guard_.mark(7);
     }
     // The rope op's output: q rotated (every block of the group has read q).
     for (u32 i = t; i < G * hd; i += RKA_T) qx[i] = qr[i / hd][i % hd];

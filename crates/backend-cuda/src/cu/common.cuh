@@ -234,6 +234,24 @@ __device__ u32 block_argmax(float bv, u32 bi) {
     return r;
 }
 
+// After a block wrote its part of a result (every thread of the block calls this):
+// whether it is the last of `n` blocks to get here, counted in `*cnt`. The last re-arms
+// the counter (zero again for the next launch) and then sees the others' writes.
+__device__ bool last_block(u32* cnt, u32 n) {
+    __shared__ u32 last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 old = atomicAdd(cnt, 1u);
+        last = old == n - 1;
+        if (last) *cnt = 0;
+    }
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+    return true;
+}
+
 // Bulk copies global -> shared (TMA, sm_90) completing on an mbarrier (mvp.cu, gemv_quant).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void mvp_bulk(u32 dst, const void* src, u32 bytes, u32 bar) {

@@ -370,7 +370,6 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
     const u8* w = c.base + mm.w + (u64)r0 * rb;
     u8* s = stage[warp];
     const XQ X = {xq, xd, xs};
-    for (u32 i = threadIdx.x; i < R * wpr; i += blockDim.x) part[i] = 0.0f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (vec && (c.aux & MV_TMA) && mm.k <= QKW) {
         // Tiles of RBh rows of mm (and with `up` the same rows of upm: 2 RBh virtual rows,
@@ -429,8 +428,9 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
         }
         __syncthreads();
         if (c.aux & MV_EARLY) { // W's first chunks in flight, then wait
+            const u32 qe = (c.aux >> 24) & 0xF; // chunks per warp (0: QEARLY)
             if (lane == 0)
-                for (u32 i = 0; i < QEARLY && issue(1); i++) {}
+                for (u32 i = 0; i < min(qe ? qe : QEARLY, NB) && issue(1); i++) {}
             PDL_WAIT_ONLY();
             tg.waited();
             PDL_TRIGGER();
@@ -494,6 +494,7 @@ __device__ void gemv_quant(const Ctx& c, const Matmul& mm, bool vec, bool xa, u3
     }
 #endif
     if (up) return; // (the host pairs only where the TMA path runs)
+    for (u32 i = threadIdx.x; i < R * wpr; i += blockDim.x) part[i] = 0.0f;
     uint4 ra[QREG], rc[QREG];
     const u32 nwin = (mm.k + QKW - 1) / QKW;
     for (u32 win = 0; win < nwin; win++) {

@@ -11,11 +11,13 @@ extern "C" __global__ void embed(const Ctx c, const Embed e) {
         if (id >= e.vocab) { bad = 1; report(c, ERR_EMBED_ID, id, i); }
     }
     if (__syncthreads_or(bad)) return;
-    u32 i = blockIdx.x;
+    // Block b: row b / nc, its elements (b % nc) * blockDim.x .. (one each: a lookup is
+    // a few dependent loads per element, so a row is spread over blocks, not looped).
+    const u32 nc = (e.dim + blockDim.x - 1) / blockDim.x, i = blockIdx.x / nc;
+    const u32 d = (blockIdx.x % nc) * blockDim.x + threadIdx.x;
     u32 id = e.n == 1 ? tok_word(c, 0, e.ids) : ids[i];
     const u8* row = c.base + e.table + (u64)id * row_bytes(e.dtype, e.dim);
-    float* out = at<float>(c, e.out) + (u64)i * e.dim;
-    for (u32 d = threadIdx.x; d < e.dim; d += blockDim.x) out[d] = dq_elem(e.dtype, row, d);
+    if (d < e.dim) at<float>(c, e.out)[(u64)i * e.dim + d] = dq_elem(e.dtype, row, d);
 }
 
 // One block per row. A row of up to RMS_R * blockDim.x elements is loaded into

@@ -267,7 +267,6 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
             if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
             return;
         }
-        __shared__ u32 last;
         if (tid == 0) {
             float rv = -INFINITY;
             if (r != 0xffffffffu) {
@@ -276,29 +275,16 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
             }
             c.scratch[2 * blockIdx.x] = rv;
             ((u32*)c.scratch)[2 * blockIdx.x + 1] = r;
-            __threadfence();
-            const u32 old = atomicAdd(c.counters + SAMPLE_COUNTER, 1u);
-            last = old == nb - 1;
-            if (last) c.counters[SAMPLE_COUNTER] = 0;
         }
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-        if (tid < 32) {
-            float mv = -INFINITY;
-            u32 mi = 0xffffffffu;
-            for (u32 b = tid; b < nb; b += 32) {
-                const u32 i = __ldcg((const u32*)c.scratch + 2 * b + 1);
-                if (i != 0xffffffffu) argmax_merge(mv, mi, __ldcg(c.scratch + 2 * b), i);
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                const float ov = __shfl_xor_sync(0xffffffffu, mv, o);
-                const u32 oi = __shfl_xor_sync(0xffffffffu, mi, o);
-                if (oi != 0xffffffffu) argmax_merge(mv, mi, ov, oi);
-            }
-            if (tid == 0) *at<u32>(c, s.out) = mi == 0xffffffffu ? 0u : mi;
+        if (!last_block(c.counters + SAMPLE_COUNTER, nb)) return;
+        float mv = -INFINITY;
+        u32 mi = 0xffffffffu;
+        for (u32 b = tid; b < nb; b += ST) {
+            const u32 i = __ldcg((const u32*)c.scratch + 2 * b + 1);
+            if (i != 0xffffffffu) argmax_merge(mv, mi, __ldcg(c.scratch + 2 * b), i);
         }
+        const u32 m = block_argmax(mv, mi);
+        if (tid == 0) *at<u32>(c, s.out) = m == 0xffffffffu ? 0u : m;
         return;
     }
     if (blockIdx.x != 0) return;
