@@ -501,22 +501,46 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
     tl_guard_.mark(6);
     if (sa > 1) {
         if (!last_block(c.counters + h, sa)) return;
-        for (u32 i = t; i < G * hd; i += RKA_T) {
-            const u32 g = i / hd, dd = i % hd;
-            const float* part0 = c.scratch + (u64)(h * G + g) * S * (hd + 2);
-            float M = -INFINITY;
-            for (u32 q = 0; q < sa; q++) M = fmaxf(M, __ldcg(part0 + q * (hd + 2)));
-            float L = 0.0f, o = 0.0f;
-            for (u32 q = 0; q < sa; q++) {
-                const float* pq = part0 + q * (hd + 2);
-                const float ms = __ldcg(pq);
-                if (ms > -INFINITY) {
-                    const float e = expf(ms - M);
-                    L += __ldcg(pq + 1) * e;
-                    o += __ldcg(pq + 2 + dd) * e;
-                }
+        // The merge: every split's (max, sum) of the group's heads into shared memory in
+        // one round of independent loads (sc is free again, sa <= 64), the weights
+        // exp(m_q - M) and the total sum per head, then each output element sums its
+        // splits' values with eight loads in flight (was two chains of sa dependent
+        // L2 round trips: ~4 us at sa = 16).
+        for (u32 i = t; i < G * sa; i += RKA_T) {
+            const u32 g = i / sa, q = i % sa;
+            const float* pq = c.scratch + ((u64)(h * G + g) * S + q) * (hd + 2);
+            sc[g][q] = __ldcg(pq);
+            sc[g][RKA_CH / 2 + q] = __ldcg(pq + 1);
+        }
+        __syncthreads();
+        if (warp < G) {
+            float m = -INFINITY;
+            for (u32 q = lane; q < sa; q += 32) m = fmaxf(m, sc[warp][q]);
+            m = warp_max(m);
+            float l = 0.0f;
+            for (u32 q = lane; q < sa; q += 32) {
+                const float ms = sc[warp][q], w = ms > -INFINITY ? expf(ms - m) : 0.0f;
+                sc[warp][q] = w;
+                l += sc[warp][RKA_CH / 2 + q] * w;
             }
-            out[(u64)g * hd + dd] = o / L;
+            l = warp_sum(l);
+            if (lane == 0) sl[warp] = l;
+        }
+        __syncthreads();
+        for (u32 i = t; i < G * hd; i += RKA_T) {
+            const u32 g = i / hd, dd = i % hd, st = hd + 2;
+            const float* p0 = c.scratch + (u64)(h * G + g) * S * st + 2 + dd;
+            float o = 0.0f;
+            u32 q = 0;
+            for (; q + 8 <= sa; q += 8) {
+                float v[8];
+#pragma unroll
+                for (u32 j = 0; j < 8; j++) v[j] = __ldcg(p0 + (q + j) * st);
+#pragma unroll
+                for (u32 j = 0; j < 8; j++) o = fmaf(v[j], sc[g][q + j], o);
+            }
+            for (; q < sa; q++) o = fmaf(__ldcg(p0 + q * st), sc[g][q], o);
+            out[(u64)g * hd + dd] = o / sl[g];
         }
         tl_guard_.mark(7);
     }
