@@ -756,106 +756,11 @@ pub(crate) fn launch_rope_kv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[O
     )
 }
 
-/// `struct MvStream` of `cu/matmul.cu`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub(crate) struct MvStream {
-    m: [abi::Matmul; 3],
-    count: u32,
-    rend: [u32; 3],
-    upr: u32,
-    pair: u32,
-    sw_out: u32,
-}
-// SAFETY: #[repr(C)] of 4-byte scalars, no padding.
-unsafe impl samepage_abi::Pod for MvStream {}
-
-/// The streaming dense matvec (`gemv_stream` in matmul.cu) for single-token matvecs `ms`
-/// of one dense dtype over one x (one matrix, or a record-time group; with `swiglu_out`,
-/// gate/up rows paired and silu(g) * u written there): the descriptor and the blocks to
-/// launch. `None` where it does not apply: quantized, W rows not 16-byte aligned, rows of
-/// more than 8 rounds of loads, or fewer than 4 rounds per warp of the launch (qkv, wo:
-/// there `gemv_dense`'s many short blocks measured faster).
-///
-/// Off by default: on an H100 (bf16 Llama-1B, tg128, knobs.sh, two rounds) it measured
-/// 731/735 tok/s at 4 blocks per SM (`SAMEPAGE_CUDA_MVS_BPS`), 700/679 at 2, 664/658 at 3,
-/// against 736/730 for `gemv_dense` + a separate swiglu: no gain, so the default keeps
-/// the simpler path. `SAMEPAGE_CUDA_MVS=1`: where it applies (as above); `=all`: for every
-/// aligned dense matvec (the GPU tests run once this way).
-fn stream_plan(base: u64, ms: &[abi::Matmul], sms: u32, swiglu_out: Option<u32>) -> Option<(MvStream, u64)> {
-    static MODE: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    let mode = *MODE.get_or_init(|| match std::env::var("SAMEPAGE_CUDA_MVS").as_deref() {
-        Ok("1") => 1,
-        Ok("all") => 2,
-        _ => 0,
-    });
-    if mode == 0 {
-        return None;
-    }
-    let dt = DType::from_u32(ms.first()?.dtype)?;
-    if quantized(dt) || ms.len() > 3 {
-        return None;
-    }
-    let rb = dt.row_bytes(ms[0].k as usize)? as u64;
-    let aligned = |m: &abi::Matmul| (base + m.w as u64).is_multiple_of(16) && rb.is_multiple_of(16);
-    if !ms.iter().all(aligned) {
-        return None;
-    }
-    // One unit: 32 lanes x MVS_U (8) loads of 16 bytes.
-    let upr = (rb / 16).div_ceil(32 * 8);
-    if upr == 0 || upr > 8 {
-        return None;
-    }
-    let mut g = MvStream {
-        m: [abi::Matmul::default(); 3],
-        count: ms.len() as u32,
-        rend: [0; 3],
-        upr: upr as u32,
-        pair: swiglu_out.is_some() as u32,
-        sw_out: swiglu_out.unwrap_or(0),
-    };
-    let mut rows = 0u64;
-    for (i, m) in ms.iter().enumerate() {
-        g.m[i] = *m;
-        rows += m.m as u64;
-        g.rend[i] = u32::try_from(rows).ok()?;
-    }
-    if g.pair != 0 && (ms.len() != 2 || ms[0].m != ms[1].m) {
-        return None;
-    }
-    // Blocks of 8 warps per SM: 4 (measured best of 2-4; two are resident at 128
-    // registers a thread); `SAMEPAGE_CUDA_MVS_BPS` (tuning).
-    static BPS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let bps = *BPS.get_or_init(|| env_num("SAMEPAGE_CUDA_MVS_BPS").unwrap_or(4).clamp(1, 16));
-    let wmax = 8 * bps * sms.max(1) as u64;
-    if mode == 1 && rows * upr < 4 * wmax {
-        return None;
-    }
-    // Warps: one per row (per gate/up pair), at most wmax.
-    let warps = if g.pair != 0 { rows / 2 } else { rows }.min(wmax);
-    Some((g, warps.div_ceil(8)))
-}
-
-/// Launch `ms` through `stream_plan`'s kernel if it applies; `Ok(false)` if not.
-fn launch_stream(
-    k: &Kernels,
-    stream: &CudaStream,
-    mut c: KCtx,
-    ms: &[abi::Matmul],
-    swiglu_out: Option<u32>,
-) -> Result<bool, OpError> {
-    let Some((g, blocks)) = stream_plan(c.base, ms, k.sms, swiglu_out) else {
-        return Ok(false);
-    };
-    c.aux = ((c.base + ms[0].x as u64).is_multiple_of(16) as u32) << 1;
-    go(stream, &k.mvs[ms[0].dtype as usize], c, g, cfg(blocks, 256)?, "matvec")?;
-    Ok(true)
-}
-
 /// Whether `ops` are gate, up (a `groupable` pair of equal height) and swiglu(gate.out,
-/// up.out) that the streaming kernel can run as one launch with the same results: each
-/// output element is written by the warp that computed its gate and up rows, so `out` may
-/// be either of them, or else must be apart from everything the matvecs read or write.
+/// up.out) that one paired launch (`mvp`, or the quantized pair) runs with the same
+/// results: each output element is written by the thread that summed its gate and up
+/// rows, so `out` may be either of them, or else must be apart from everything the
+/// matvecs read or write.
 pub(crate) fn swiglu_pairable(ops: &[Op]) -> bool {
     let [Op::Matmul(g), Op::Matmul(u), Op::SwiGlu(s)] = *ops else {
         return false;
@@ -873,8 +778,9 @@ pub(crate) fn swiglu_pairable(ops: &[Op]) -> bool {
     })
 }
 
-/// Enqueue ops accepted by [`swiglu_pairable`]: one paired streaming launch where it
-/// applies, else the matvec group and the swiglu one after the other.
+/// Enqueue ops accepted by [`swiglu_pairable`] that the pipelined kernel did not take:
+/// one quantized paired launch where it applies, else the matvec group and the swiglu
+/// one after the other.
 pub(crate) fn launch_matvecs_swiglu(
     k: &Kernels,
     stream: &CudaStream,
@@ -885,9 +791,6 @@ pub(crate) fn launch_matvecs_swiglu(
     let [Op::Matmul(g), Op::Matmul(u), Op::SwiGlu(s)] = *ops else {
         return Err(OpError::runtime("cuda: not a gate/up/swiglu group"));
     };
-    if nm.is_none() && launch_stream(k, stream, c, &[g, u], Some(s.out))? {
-        return Ok(());
-    }
     if launch_quant_pair(k, stream, c, g, u, s, nm)? {
         return Ok(());
     }
@@ -960,10 +863,6 @@ pub(crate) fn launch_matvec_group(
     ops: &[Op],
     nm: Option<XNorm>,
 ) -> Result<(), OpError> {
-    let ms = matmuls(ops);
-    if nm.is_none() && ms.len() == ops.len() && launch_stream(k, stream, c, &ms, None)? {
-        return Ok(());
-    }
     let mut g = MatvecGroup {
         m: [abi::Matmul::default(); 3],
         count: ops.len() as u32,
@@ -1462,9 +1361,6 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
         }
         Op::Matmul(m) => {
             if m.n == 1 {
-                if launch_stream(k, stream, c, &[m], None)? {
-                    return Ok(());
-                }
                 let (aux, blocks) = matvec_aux(c.base, &m, m.m as u64, k.sms);
                 let (aux, ring) = qmv_tma(k, &m, aux);
                 let (aux, blocks) = qmv_dyn(k, &c, aux, blocks);

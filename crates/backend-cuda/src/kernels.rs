@@ -129,8 +129,6 @@ pub struct Kernels {
     pub matmul: Vec<CudaFunction>,
     /// `matvecs_<dtype>`: up to 3 matvecs sharing x in one launch, by dtype code.
     pub matvecs: Vec<CudaFunction>,
-    /// `mvs_<f32|f16|bf16>`: the streaming dense matvec (`exec::stream_plan`), by dtype code.
-    pub mvs: Vec<CudaFunction>,
     /// `mvp_<f16|bf16>_<J>` (cu/mvp.cu), at `8 * (dtype is bf16) + J - 1`, with
     /// `mvp_smem` of dynamic shared memory granted; empty below sm_90 (bulk copies),
     /// `None` where the device refused the shared memory.
@@ -243,10 +241,6 @@ impl Kernels {
                 .collect::<Result<_, _>>()?,
             matvecs,
             qmv_tma,
-            mvs: DTYPE_SUFFIX[..3]
-                .iter()
-                .map(|s| f(&format!("mvs_{s}")))
-                .collect::<Result<_, _>>()?,
             mvp_smem,
             mvp_smem_pair,
             mvp: if major >= 9 {
