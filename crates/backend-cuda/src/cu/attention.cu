@@ -314,6 +314,21 @@ template <bool F16> __device__ __forceinline__ float cache_round(float x) {
     return F16 ? f16_to_f32(f32_to_f16(x)) : x;
 }
 
+// One warp over v[0 .. n) (shared memory): m = the max, v[i] = exp(v[i] - m) (0 where
+// v[i] is -inf); returns the sum of v[i] * s[i] (s[i] = 1 without s) to every lane.
+__device__ __forceinline__ float warp_exp_row(float* v, const float* s, u32 n, u32 lane, float& m) {
+    m = -INFINITY;
+    for (u32 i = lane; i < n; i += 32) m = fmaxf(m, v[i]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (u32 i = lane; i < n; i += 32) {
+        const float e = v[i] > -INFINITY ? expf(v[i] - m) : 0.0f;
+        v[i] = e;
+        l += s ? s[i] * e : e;
+    }
+    return warp_sum(l);
+}
+
 template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f) {
     __shared__ float cs[64], sn[64];
     __shared__ __align__(16) float qs[RKA_G][128];
@@ -444,16 +459,8 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
     __syncthreads();
     const u32 warp = t >> 5, lane = t & 31;
     if (warp < G) {
-        float m = -INFINITY;
-        for (u32 i = lane; i < n; i += 32) m = fmaxf(m, sc[warp][i]);
-        m = warp_max(m);
-        float l = 0.0f;
-        for (u32 i = lane; i < n; i += 32) {
-            const float e = expf(sc[warp][i] - m);
-            sc[warp][i] = e;
-            l += e;
-        }
-        l = warp_sum(l);
+        float m;
+        const float l = warp_exp_row(sc[warp], nullptr, n, lane, m);
         if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     }
     __syncthreads();
@@ -514,16 +521,8 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
         }
         __syncthreads();
         if (warp < G) {
-            float m = -INFINITY;
-            for (u32 q = lane; q < sa; q += 32) m = fmaxf(m, sc[warp][q]);
-            m = warp_max(m);
-            float l = 0.0f;
-            for (u32 q = lane; q < sa; q += 32) {
-                const float ms = sc[warp][q], w = ms > -INFINITY ? expf(ms - m) : 0.0f;
-                sc[warp][q] = w;
-                l += sc[warp][RKA_CH / 2 + q] * w;
-            }
-            l = warp_sum(l);
+            float m;
+            const float l = warp_exp_row(sc[warp], sc[warp] + RKA_CH / 2, sa, lane, m);
             if (lane == 0) sl[warp] = l;
         }
         __syncthreads();
