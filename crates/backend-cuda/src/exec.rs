@@ -1047,11 +1047,96 @@ pub(crate) fn mvp_shape(k: u32) -> Option<(u32, u32)> {
     Some((c / p, p))
 }
 
+/// The quantized dtypes the pipelined matvec decodes (`QUnit` in cu/quant.cuh): the
+/// activations per unit of work of one lane (a block, or a K-quant's 64-element unit).
+pub(crate) fn mvq_dtype(code: u32) -> Option<u32> {
+    match DType::from_u32(code)? {
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 => Some(32),
+        DType::Q4_K | DType::Q5_K | DType::Q6_K => Some(64),
+        _ => None,
+    }
+}
+
+/// Parts per row (P, a warp each, R = 8 / P rows per stage) of the quantized pipelined
+/// matvec for rows of `k` elements: the fewest with at most 64 units a part (two per
+/// lane) and whole blocks; rows whose bytes are a 16-byte multiple (bulk copies) and
+/// k <= 8192 (x quantized in shared memory once, `quantize_x`).
+pub(crate) fn mvq_shape(dt: DType, k: u32) -> Option<u32> {
+    let unit = mvq_dtype(dt as u32)?;
+    let be = dt.block_elems() as u32;
+    if k == 0 || k > 8192 || !k.is_multiple_of(be) || !(dt.row_bytes(k as usize)? as u32).is_multiple_of(16) {
+        return None;
+    }
+    let units = k / unit;
+    [1u32, 2, 4, 8]
+        .into_iter()
+        .find(|&p| units.div_ceil(p) <= 64 && (k / p).is_multiple_of(be) && k.is_multiple_of(p))
+}
+
+/// Shared memory of the quantized x (`XQ` in cu/quant.cuh: granules with a pad every 8,
+/// a scale per 32, a sum per 16) for rows of `k` elements.
+fn mvq_x_bytes(k: u32) -> u32 {
+    let g = k / 8;
+    (g + g / 8) * 16 + k / 32 * 4 + k / 16 * 4
+}
+
+/// Quantized pipelined matvec: most stages in flight per block
+/// (`SAMEPAGE_CUDA_MVQ_STAGES`, default 8, at most what lets `mvq_fit` blocks share an
+/// SM) and blocks per SM (`SAMEPAGE_CUDA_MVQ_BPS`, default 2; for rows over 4096
+/// elements `SAMEPAGE_CUDA_MVQ_BPS_LONG`, default 2: every block quantizes all of x).
+/// `SAMEPAGE_CUDA_MVQ=0` turns it off (the quantized steps then launch `gemv_quant` as
+/// before).
+fn mvq_knobs() -> (u32, u64, u64) {
+    static K: std::sync::OnceLock<(u32, u64, u64)> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        (
+            env_num("SAMEPAGE_CUDA_MVQ_STAGES")
+                .unwrap_or(8)
+                .clamp(2, crate::kernels::MVP_SMAX as u64) as u32,
+            env_num("SAMEPAGE_CUDA_MVQ_BPS").unwrap_or(2).clamp(1, 4),
+            env_num("SAMEPAGE_CUDA_MVQ_BPS_LONG").unwrap_or(2).clamp(1, 4),
+        )
+    })
+}
+
+/// Stages the quantized pipelined matvec issues before its PDL wait
+/// (`SAMEPAGE_CUDA_MVQ_EARLY=N` for every dtype): by default 1 for Q8_0 and 2 for the
+/// others (H100, tg128, interleaved in one call: Q8_0 1291/1281 tok/s with 1 vs
+/// 1255/1245 with 2; Q4_K_M 1417/1418 with 1 vs 1433/1427 with 2).
+fn mvq_early(dt: DType) -> u32 {
+    static E: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let n = *E.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_EARLY").map(|v| v.min(64) as u32));
+    n.unwrap_or(if dt == DType::Q8_0 { 1 } else { 2 })
+}
+
+/// Rows each warp of the quantized pipelined matvec decodes per stage
+/// (`SAMEPAGE_CUDA_MVQ_RW`, 1 or 2, default 2): two independent chains a lane and twice
+/// the bytes per stage.
+fn mvq_rows_per_warp() -> u32 {
+    static W: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *W.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_RW").map_or(2, |v| v.clamp(1, 2) as u32))
+}
+
+/// Blocks of a quantized pipelined matvec launch sized to share one SM
+/// (`SAMEPAGE_CUDA_MVQ_FIT`, 2-4, default 2). H100, tg128, interleaved in one call:
+/// Q4_K_M 1435/1441 tok/s with 2 vs 1381/1391 with 3 (and 1288/1296 without the
+/// pipelined kernel), Q8_0 1258/1257 vs 1200/1201 (1217/1217 without).
+fn mvq_fit() -> u32 {
+    static F: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *F.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_FIT").map_or(2, |v| v.clamp(2, 4) as u32))
+}
+
+fn mvq_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_MVQ").as_deref() != Ok("0"))
+}
+
 /// The pipelined matvec (`mvp_body` in cu/mvp.cu) for matvecs `ms` (with the rmsnorm
 /// before them and the swiglu after them fused, if given): the descriptor, the kernel,
 /// the blocks and the dynamic shared memory. `None` where it does not apply: switched
-/// off, below sm_90, not f16/bf16, a row length without a part shape, anything not
-/// 16-byte aligned, or gate/up pairs with an odd number of rows per stage.
+/// off, below sm_90, matrices of different dtypes or lengths, a dtype or row length
+/// without a part shape (`mvp_shape`, `mvq_shape`), anything not 16-byte aligned, or
+/// gate/up pairs with an odd number of rows per stage.
 fn mvp_plan<'k>(
     k: &'k Kernels,
     base: u64,
@@ -1062,16 +1147,34 @@ fn mvp_plan<'k>(
 ) -> Option<(MvPipe, &'k CudaFunction, u64, u32)> {
     let (on, stages, bps, pair) = mvp_knobs();
     let m0 = *ms.first()?;
-    if !on || ms.len() > 3 {
+    if !on || ms.len() > 3 || !ms.iter().all(|m| m.dtype == m0.dtype && m.k == m0.k) {
         return None;
     }
-    let di = match DType::from_u32(m0.dtype)? {
-        DType::F16 => 0,
-        DType::BF16 => 1,
-        _ => return None,
+    let dt = DType::from_u32(m0.dtype)?;
+    // (kernel, J, P, R, stage bytes, x and norm weight bytes in shared memory, stages,
+    // blocks per SM)
+    let (f, j, p, r, sb, xb, stages, bps) = match dt {
+        DType::F16 | DType::BF16 => {
+            let (j, p) = mvp_shape(m0.k)?;
+            let di = (dt == DType::BF16) as usize;
+            let f = k.mvp.get(di * 8 + j as usize - 1)?.as_ref()?;
+            let r = 8 / p;
+            let xb = m0.k * 4 * (1 + norm.is_some() as u32);
+            (f, j, p, r, r * p * 32 * j * 16, xb, stages, bps)
+        }
+        _ => {
+            if !mvq_enabled() {
+                return None;
+            }
+            let p = mvq_shape(dt, m0.k)?;
+            let f = k.mvq.get(dt as usize)?.as_ref()?;
+            let rb = dt.row_bytes(m0.k as usize)? as u32;
+            let (st, qbps, long_bps) = mvq_knobs();
+            let qbps = if m0.k > 4096 { long_bps } else { qbps };
+            let r = 8 * mvq_rows_per_warp() / p;
+            (f, 1, p, r, r * rb + 16, mvq_x_bytes(m0.k), st, qbps)
+        }
     };
-    let (j, p) = mvp_shape(m0.k)?;
-    let r = 8 / p;
     if sw.is_some() && (ms.len() != 2 || !r.is_multiple_of(2)) {
         return None;
     }
@@ -1079,7 +1182,6 @@ fn mvp_plan<'k>(
     if !ms.iter().all(|m| al(m.w) && al(m.x)) || norm.is_some_and(|n| !(al(n.x) && al(n.weight) && al(n.out))) {
         return None;
     }
-    let f = k.mvp.get(di * 8 + j as usize - 1)?.as_ref()?;
     let mut g = MvPipe {
         count: ms.len() as u32,
         p,
@@ -1112,17 +1214,30 @@ fn mvp_plan<'k>(
     // The stages, x (and the norm weight) as f32, the rows' bias / old values: as many
     // stages as the knob asks, but no more than let two blocks share an SM (so the next
     // launch's blocks start streaming before this one's end), and at least 2.
-    let sb = r * p * 32 * j * 16;
-    let fixed = m0.k * 4 * (1 + norm.is_some() as u32) + pre as u32 * per_block * r * 4;
-    let fit2 = (k.mvp_smem_pair.saturating_sub(fixed) / sb).max(2);
-    g.stages = if pair { stages.min(fit2) } else { stages };
-    g.early = mvp_early().min(g.stages);
+    let fixed = xb + pre as u32 * per_block * r * 4;
+    // Quantized: as many as let `mvq_fit` blocks share an SM (3: two of this launch's and
+    // one of the next launch's, which starts its own stream early; 2, the default: more
+    // stages in flight, measured faster). (Their static shared memory is 128 bytes over
+    // the dense kernels'.)
+    let share = if quantized(dt) {
+        let fit = mvq_fit();
+        (k.mvp_smem_pair + 1024 + 256) * 2 / fit - (1024 + 256 + 128)
+    } else {
+        k.mvp_smem_pair
+    };
+    let fit2 = (share.saturating_sub(fixed) / sb).max(2);
+    g.stages = if pair || quantized(dt) {
+        stages.min(fit2)
+    } else {
+        stages
+    };
+    g.early = if quantized(dt) { mvq_early(dt) } else { mvp_early() }.min(g.stages);
     // `SAMEPAGE_CUDA_MVP_NW_EARLY=0`: the norm weight is read after the wait, with x.
     static NW_EARLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let nw_early = *NW_EARLY.get_or_init(|| env_num("SAMEPAGE_CUDA_MVP_NW_EARLY") != Some(0));
     g.nw_early = (nw_fixed && nw_early) as u32;
     let smem = g.stages * sb + fixed;
-    if smem > k.mvp_smem {
+    if smem > k.mvp_smem || g.stages as usize > crate::kernels::MVP_SMAX as usize {
         return None;
     }
     Some((g, f, blocks, smem))
@@ -1474,6 +1589,41 @@ mod tests {
         // The Llama-1B shapes: one wave of ~2 blocks per SM, a warp per row.
         assert_eq!(super::quant_plan(DType::Q4_K, 8192, 2048), (8, 0));
         assert_eq!(super::quant_plan(DType::Q8_0, 2048, 16384), (64, 0));
+    }
+
+    /// The quantized pipelined matvec's parts: at most 64 units a part, whole blocks,
+    /// rows of 16-byte multiples, k <= 8192; x's shared memory as `XQ` lays it out.
+    #[test]
+    fn mvq_shapes() {
+        assert_eq!(super::mvq_shape(DType::Q4_K, 2048), Some(1));
+        assert_eq!(super::mvq_shape(DType::Q4_K, 8192), Some(2));
+        assert_eq!(super::mvq_shape(DType::Q8_0, 2048), Some(1));
+        assert_eq!(super::mvq_shape(DType::Q8_0, 8192), Some(4));
+        assert_eq!(super::mvq_shape(DType::Q6_K, 2048), Some(1));
+        assert_eq!(super::mvq_shape(DType::Q4_0, 2048), Some(1));
+        // Rows of 1260 and 360 bytes (no bulk copies), k over 8192, not a dtype it decodes.
+        assert_eq!(super::mvq_shape(DType::Q6_K, 1536), None);
+        assert_eq!(super::mvq_shape(DType::Q4_1, 576), None);
+        assert_eq!(super::mvq_shape(DType::Q8_0, 16384), None);
+        assert_eq!(super::mvq_shape(DType::BF16, 2048), None);
+        for dt in [
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+            DType::Q4_K,
+            DType::Q5_K,
+            DType::Q6_K,
+        ] {
+            for k in (256..=8192).step_by(256) {
+                if let Some(p) = super::mvq_shape(dt, k) {
+                    let unit = super::mvq_dtype(dt as u32).unwrap();
+                    assert!([1, 2, 4, 8].contains(&p) && (k / p) % dt.block_elems() as u32 == 0);
+                    assert!((k / unit).div_ceil(p) <= 64, "{dt:?} k={k}");
+                }
+            }
+        }
+        assert_eq!(super::mvq_x_bytes(2048), (256 + 32) * 16 + 64 * 4 + 128 * 4);
     }
 
     /// The pipelined matvec's part shapes: k = 256 J P with J <= 8 registers' worth of x

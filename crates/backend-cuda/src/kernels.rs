@@ -91,7 +91,7 @@ fn ptx_for(arch: &'static str, fresh: bool) -> Result<String, String> {
 }
 
 /// Most stages in flight per block of the pipelined matvec (`MVP_SMAX` in cu/mvp.cu).
-pub const MVP_SMAX: u32 = 6;
+pub const MVP_SMAX: u32 = 8;
 
 static PDL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -133,6 +133,8 @@ pub struct Kernels {
     /// `mvp_smem` of dynamic shared memory granted; empty below sm_90 (bulk copies),
     /// `None` where the device refused the shared memory.
     pub mvp: Vec<Option<CudaFunction>>,
+    /// `mvp_<quantized dtype>` (cu/mvp.cu, quantized W), by dtype code; as `mvp`.
+    pub mvq: Vec<Option<CudaFunction>>,
     /// The dynamic shared memory granted to each `mvp` kernel (the device's opt-in
     /// maximum per block).
     pub mvp_smem: u32,
@@ -249,6 +251,21 @@ impl Kernels {
                     .flat_map(|d| (1..=8u32).map(move |j| (d, j)))
                     .map(|(d, j)| {
                         let func = f(&format!("mvp_{d}_{j}"))?;
+                        Ok(grant_smem(&func, mvp_smem).then_some(func))
+                    })
+                    .collect::<Result<_, String>>()?
+            } else {
+                Vec::new()
+            },
+            mvq: if major >= 9 {
+                DTYPE_SUFFIX
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        if crate::exec::mvq_dtype(i as u32).is_none() {
+                            return Ok(None);
+                        }
+                        let func = f(&format!("mvp_{d}"))?;
                         Ok(grant_smem(&func, mvp_smem).then_some(func))
                     })
                     .collect::<Result<_, String>>()?

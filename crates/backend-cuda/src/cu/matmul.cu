@@ -170,8 +170,10 @@ template <u32 DT> struct QRing {
 // the rmsnorm's out.
 struct XNorm { u32 on, x, w, out; float eps; };
 
+// With `pre`, `wpre` holds the norm weight at this thread's elements, read already (before
+// the PDL wait: no op writes it).
 __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint4* xq, float* xd, int* xs,
-                                           const Ctx& c, const XNorm& nm) {
+                                           const Ctx& c, const XNorm& nm, const float (&wpre)[4][8], bool pre) {
     // Thread t: 8 activations at 8 (t + 256 i); lanes t & ~3 .. t | 3 hold one 32-block.
     float v[4][8];
 #pragma unroll
@@ -202,7 +204,12 @@ __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint
             const u32 e = 8 * (threadIdx.x + 256 * i);
             if (8 * 256 * i < kw && e < kw) {
                 float wv[8];
-                load_x8(w + e, wv, true);
+                if (pre) {
+#pragma unroll
+                    for (int j = 0; j < 8; j++) wv[j] = wpre[i][j];
+                } else {
+                    load_x8(w + e, wv, true);
+                }
 #pragma unroll
                 for (int j = 0; j < 8; j++) v[i][j] = v[i][j] * inv * wv[j];
                 if ((e / 8) % gridDim.x == blockIdx.x) {
@@ -244,6 +251,12 @@ __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint
             if ((threadIdx.x & 3) == 0) xd[e >> 5] = d;
         }
     }
+}
+
+__device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint4* xq, float* xd, int* xs,
+                                           const Ctx& c, const XNorm& nm) {
+    const float none[4][8] = {};
+    quantize_x(x, xa, kw, xq, xd, xs, c, nm, none, false);
 }
 
 // `up` (TMA path only; exec.rs `launch_matvecs_swiglu`): the block takes RB / 2 rows of

@@ -24,7 +24,15 @@
 // stage is done. With `pair`, a stage holds R / 2 gate rows, then the same R / 2 up rows; the
 // block writes both outputs and silu(g) * u to sw_out[j] (which may be gate's or up's
 // out: the same thread writes both, in order).
-#define MVP_SMAX 6
+//
+// Quantized W (`mvp_<q8_0|..|q6_k>`, exec.rs `mvq_shape`): the same stages, rows and
+// epilogue; a row's bytes are its ggml blocks (16-byte multiple), a part is k / P
+// elements of whole blocks, a stage buffer has 16 bytes of slack for the decoders' word
+// reads. After the wait every block quantizes x (or rmsnorm(x) * weight, `quantize_x`
+// with the norm fused; the weight read before the wait) into shared memory once, and each warp's lanes take the part's
+// units (`QUnit<DT>::dot`: integer dot products against the quantized x). One bulk copy
+// per run of rows, instead of one per warp and chunk (`gemv_quant`'s ring).
+#define MVP_SMAX 8
 struct MvPipe {
     Matmul m[3];
     u32 count, rend[3];
@@ -54,6 +62,23 @@ __device__ __forceinline__ bool mvp_pos(const MvPipe& g, u32 N, u32 v0, u32 t, u
 }
 
 
+// Bias + the accumulated outputs' old values of the block's rows (`pre` > 0), read with x
+// rather than one round trip per stage in the epilogue: prev[s * R + t] for stage s.
+__device__ __forceinline__ void mvp_pre(const Ctx& c, const MvPipe& g, u32 N, u32 G, u32 nst, float* prev) {
+    if (!g.pre) return;
+    const u32 R = g.R;
+    for (u32 i = threadIdx.x; i < nst * R; i += 256) {
+        u32 mi, row;
+        float v = 0.0f;
+        if (mvp_pos(g, N, ((i / R) * G + blockIdx.x) * R, i % R, mi, row)) {
+            const Matmul& mm = g.m[mi];
+            if (mm.flags & MATMUL_BIAS) v += __ldcg(at<float>(c, mm.bias) + row);
+            if (mm.flags & MATMUL_ACCUMULATE) v += __ldcg(at<float>(c, mm.out) + row);
+        }
+        prev[i] = v;
+    }
+}
+
 template <u32 DT>
 __device__ __forceinline__ float mvp_dot8(const uint4& w, const float* x, float acc) {
     const u32 p[4] = {w.x, w.y, w.z, w.w};
@@ -73,11 +98,12 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) u8 mvp_smem[];
     __shared__ __align__(8) u64 bars[MVP_SMAX];
-    __shared__ float red[8], part[2][8];
-    constexpr u32 L = 256 * J; // elements of a part
+    __shared__ float red[8], part[2][16];
+    constexpr bool Q = DT >= DT_Q8_0;
+    constexpr u32 L = 256 * J; // elements of a part (f16/bf16)
     const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const u32 P = g.P, R = g.R, NS = g.stages, RP = R * P;
-    const u32 k = g.m[0].k, rb = k * 2, SB = R * rb;
+    const u32 k = g.m[0].k, rb = Q ? (u32)row_bytes(DT, k) : k * 2, SB = R * rb + (Q ? 16u : 0u);
     const u32 N = g.rend[g.count - 1], T = (N + R - 1) / R, G = gridDim.x;
     const u32 nst = blockIdx.x < T ? (T - blockIdx.x + G - 1) / G : 0u;
     const u32 sbase = (u32)__cvta_generic_to_shared(mvp_smem);
@@ -114,52 +140,71 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (u32 s = 0; s < min(NS, g.early); s++) issue(s);
     }
-    // x (or rmsnorm(x) * weight) at this warp's columns: part p = warp % P. The block
-    // first copies x (and the norm weight) into shared memory with coalesced loads, once:
-    // read by every warp straight from L2, the few lines of x were a hot spot that
-    // 132 x 8 warps queued on (4 us for x, 12 with the weight, on an H100). The norm
-    // weight is a weight: read before the wait where no op writes it.
     const u32 p = warp % P;
-    float* xs = (float*)(mvp_smem + NS * SB);
-    float* ws = xs + k;
-    const float4* w4 = (const float4*)at<float>(c, g.nw);
-    if (g.norm && g.nw_early)
-        for (u32 i = tid; i < k / 4; i += 256) ((float4*)ws)[i] = __ldg(w4 + i);
-    __syncthreads(); // the barriers are initialised before anyone waits on them
-    PDL_WAIT_ONLY();
-    tl_guard_.waited();
+    float xr[Q ? 1 : J][8];
+    XQ X = {nullptr, nullptr, nullptr};
+    float* prev;
+    if constexpr (Q) {
+        // x quantized per 32 elements into shared memory (rmsnorm(x) * weight with the norm,
+        // whose out this also writes, chunk e / 8 by block (e / 8) % G), and the rows'
+        // bias / old values, as below.
+        uint4* xq = (uint4*)(mvp_smem + NS * SB);
+        float* xd = (float*)(xq + xpos(k / 8));
+        int* xsum = (int*)(xd + k / 32);
+        prev = (float*)(xsum + k / 16);
+        X = {xq, xd, xsum};
+        // The norm weight at this thread's elements (quantize_x's layout), before the wait.
+        float wpre[4][8];
+        const bool pre_w = g.norm && g.nw_early;
+        if (pre_w)
+#pragma unroll
+            for (u32 i = 0; i < 4; i++) {
+                const u32 e = 8 * (tid + 256 * i);
+                if (e < k) load_x8(at<float>(c, g.nw) + e, wpre[i], true);
+            }
+        __syncthreads(); // the barriers are initialised before anyone waits on them
+        PDL_WAIT_ONLY();
+        tl_guard_.waited();
+        const XNorm nm = {g.norm, g.nx, g.nw, g.nout, g.eps};
+        quantize_x(at<float>(c, g.norm ? g.nx : g.m[0].x), true, k, xq, xd, xsum, c, nm, wpre, pre_w);
+        mvp_pre(c, g, N, G, nst, prev);
+    } else {
+        // x (or rmsnorm(x) * weight) at this warp's columns: part p = warp % P. The block
+        // first copies x (and the norm weight) into shared memory with coalesced loads, once:
+        // read by every warp straight from L2, the few lines of x were a hot spot that
+        // 132 x 8 warps queued on (4 us for x, 12 with the weight, on an H100). The norm
+        // weight is a weight: read before the wait where no op writes it.
+        float* xs = (float*)(mvp_smem + NS * SB);
+        float* ws = xs + k;
+        const float4* w4 = (const float4*)at<float>(c, g.nw);
+        if (g.norm && g.nw_early)
+            for (u32 i = tid; i < k / 4; i += 256) ((float4*)ws)[i] = __ldg(w4 + i);
+        __syncthreads(); // the barriers are initialised before anyone waits on them
+        PDL_WAIT_ONLY();
+        tl_guard_.waited();
 
-    // Bias + the accumulated outputs' old values of the block's rows (`pre` > 0), read
-    // now with x rather than one round trip per stage in the epilogue.
-    float* prev = ws + (g.norm ? k : 0u);
-    {
-        // With the norm, the sum of squares is taken here too (each element once per
-        // block; warp sums in red[], added after the barrier below).
-        const float4* x4 = (const float4*)at<float>(c, g.norm ? g.nx : g.m[0].x);
-        float ssq = 0.0f;
-        for (u32 i = tid; i < k / 4; i += 256) {
-            const float4 v = __ldcg(x4 + i);
-            ((float4*)xs)[i] = v;
-            if (g.norm) {
-                ssq = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ssq))));
-                if (!g.nw_early) ((float4*)ws)[i] = __ldcg(w4 + i);
-            }
-        }
-        if (g.norm) {
-            ssq = warp_sum(ssq);
-            if (lane == 0) red[warp] = ssq;
-        }
-        if (g.pre)
-            for (u32 i = tid; i < nst * R; i += 256) {
-                u32 mi, row;
-                float v = 0.0f;
-                if (mvp_pos(g, N, ((i / R) * G + blockIdx.x) * R, i % R, mi, row)) {
-                    const Matmul& mm = g.m[mi];
-                    if (mm.flags & MATMUL_BIAS) v += __ldcg(at<float>(c, mm.bias) + row);
-                    if (mm.flags & MATMUL_ACCUMULATE) v += __ldcg(at<float>(c, mm.out) + row);
+        // Bias + the accumulated outputs' old values of the block's rows (`pre` > 0), read
+        // now with x rather than one round trip per stage in the epilogue.
+        prev = ws + (g.norm ? k : 0u);
+        {
+            // With the norm, the sum of squares is taken here too (each element once per
+            // block; warp sums in red[], added after the barrier below).
+            const float4* x4 = (const float4*)at<float>(c, g.norm ? g.nx : g.m[0].x);
+            float ssq = 0.0f;
+            for (u32 i = tid; i < k / 4; i += 256) {
+                const float4 v = __ldcg(x4 + i);
+                ((float4*)xs)[i] = v;
+                if (g.norm) {
+                    ssq = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ssq))));
+                    if (!g.nw_early) ((float4*)ws)[i] = __ldcg(w4 + i);
                 }
-                prev[i] = v;
             }
+            if (g.norm) {
+                ssq = warp_sum(ssq);
+                if (lane == 0) red[warp] = ssq;
+            }
+            mvp_pre(c, g, N, G, nst, prev);
+        }
     }
     __syncthreads();
     if (warp == 0) tl_guard_.mark(7);
@@ -167,46 +212,69 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
         for (u32 s = g.early; s < NS; s++) issue(s);
         tl_guard_.mark(5);
     }
-    float xr[J][8];
-#pragma unroll
-    for (u32 j = 0; j < J; j++) {
-        const u32 col = p * L + (j * 32 + lane) * 8;
-        const float4 a = *(const float4*)(xs + col), b = *((const float4*)(xs + col) + 1);
-        xr[j][0] = a.x; xr[j][1] = a.y; xr[j][2] = a.z; xr[j][3] = a.w;
-        xr[j][4] = b.x; xr[j][5] = b.y; xr[j][6] = b.z; xr[j][7] = b.w;
-    }
-    if (g.norm) {
-        float t = 0.0f;
-#pragma unroll
-        for (u32 q = 0; q < 8; q++) t += red[q];
-        const float inv = 1.0f / sqrtf(t / (float)k + g.eps);
-        float* no = at<float>(c, g.nout);
+    if constexpr (!Q) {
+        const float* xs = (const float*)(mvp_smem + NS * SB);
+        const float* ws = xs + k;
 #pragma unroll
         for (u32 j = 0; j < J; j++) {
             const u32 col = p * L + (j * 32 + lane) * 8;
-            const float4 wa = *(const float4*)(ws + col), wb = *((const float4*)(ws + col) + 1);
-            const float w[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+            const float4 a = *(const float4*)(xs + col), b = *((const float4*)(xs + col) + 1);
+            xr[j][0] = a.x; xr[j][1] = a.y; xr[j][2] = a.z; xr[j][3] = a.w;
+            xr[j][4] = b.x; xr[j][5] = b.y; xr[j][6] = b.z; xr[j][7] = b.w;
+        }
+        if (g.norm) {
+            float t = 0.0f;
 #pragma unroll
-            for (u32 e = 0; e < 8; e++) xr[j][e] = xr[j][e] * inv * w[e];
-            // Segment (p, j) of the row (256 elements) is written by block p * J + j
-            // (the host launches at least J * P blocks), by warp p.
-            if (warp == p && p * J + j == blockIdx.x) {
-                *(float4*)(no + col) = make_float4(xr[j][0], xr[j][1], xr[j][2], xr[j][3]);
-                *((float4*)(no + col) + 1) = make_float4(xr[j][4], xr[j][5], xr[j][6], xr[j][7]);
+            for (u32 q = 0; q < 8; q++) t += red[q];
+            const float inv = 1.0f / sqrtf(t / (float)k + g.eps);
+            float* no = at<float>(c, g.nout);
+#pragma unroll
+            for (u32 j = 0; j < J; j++) {
+                const u32 col = p * L + (j * 32 + lane) * 8;
+                const float4 wa = *(const float4*)(ws + col), wb = *((const float4*)(ws + col) + 1);
+                const float w[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+                for (u32 e = 0; e < 8; e++) xr[j][e] = xr[j][e] * inv * w[e];
+                // Segment (p, j) of the row (256 elements) is written by block p * J + j
+                // (the host launches at least J * P blocks), by warp p.
+                if (warp == p && p * J + j == blockIdx.x) {
+                    *(float4*)(no + col) = make_float4(xr[j][0], xr[j][1], xr[j][2], xr[j][3]);
+                    *((float4*)(no + col) + 1) = make_float4(xr[j][4], xr[j][5], xr[j][6], xr[j][7]);
+                }
             }
         }
     }
-
     if (warp == 0) tl_guard_.mark(4);
     for (u32 s = 0; s < nst; s++) {
         const u32 buf = s % NS;
-        if (warp < RP) {
+        if constexpr (Q) {
+            // Rows warp / P and, with R * P = 16 (two rows a warp), warp / P + 8 / P: part
+            // p = warp % P of each, (k / P) / BE blocks from element p * (k / P).
             mvp_wait_bar(bbase + 8 * buf, (s / NS) & 1);
+            constexpr u32 BE = blk_elems(DT), BB = blk_bytes(DT), UPB = QUnit<DT>::PER_BLOCK;
+            const u32 kp = k / P, units = kp / BE * UPB;
+            const u8* s0 = mvp_smem + buf * SB + (warp / P) * rb + p * (kp / BE) * BB;
+            const u8* s1 = s0 + (8 / P) * rb;
+            const bool two = RP > 8;
+            float a0 = 0.0f, a1 = 0.0f;
+            if (warp < RP)
+                for (u32 u = lane; u < units; u += 32) {
+                    a0 += QUnit<DT>::dot(s0, u, X, p * kp);
+                    if (two) a1 += QUnit<DT>::dot(s1, u, X, p * kp);
+                }
+            a0 = warp_sum(a0);
+            if (two) a1 = warp_sum(a1);
+            if (lane == 0 && warp < RP) {
+                part[s & 1][warp] = a0;
+                if (two) part[s & 1][warp + 8] = a1;
+            }
+        } else if (warp < RP) {
+            mvp_wait_bar(bbase + 8 * buf, (s / NS) & 1);
+            float acc = 0.0f;
             // Part `warp` of the stage: row warp / P, part warp % P (= p).
             const uint4* w = (const uint4*)(mvp_smem + buf * SB + (warp / P) * rb + p * L * 2) + lane;
             // Loads four at a time, each feeding its own chain of 8 FMAs (registers: two
             // blocks of 256 threads share an SM, 128 a thread).
-            float acc = 0.0f;
 #pragma unroll
             for (u32 j0 = 0; j0 < J; j0 += 4) {
                 uint4 wr[4];
@@ -256,3 +324,12 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
     MVP_KERNEL(NAME, DT, 5) MVP_KERNEL(NAME, DT, 6) MVP_KERNEL(NAME, DT, 7) MVP_KERNEL(NAME, DT, 8)
 MVP_KERNELS(f16, DT_F16)
 MVP_KERNELS(bf16, DT_BF16)
+#define MVQ_KERNEL(NAME, DT) \
+    extern "C" __global__ void __launch_bounds__(256, 3) mvp_##NAME(const Ctx c, const MvPipe g) { mvp_body<DT, 1>(c, g); }
+MVQ_KERNEL(q8_0, DT_Q8_0)
+MVQ_KERNEL(q4_0, DT_Q4_0)
+MVQ_KERNEL(q4_1, DT_Q4_1)
+MVQ_KERNEL(q5_0, DT_Q5_0)
+MVQ_KERNEL(q4_k, DT_Q4_K)
+MVQ_KERNEL(q5_k, DT_Q5_K)
+MVQ_KERNEL(q6_k, DT_Q6_K)

@@ -1,7 +1,9 @@
 //! Matvec steps of a decode graph: the pipelined decode matvec (`mvp` in cu/mvp.cu),
-//! which the graph uses for f16/bf16 single-token matvecs with the rmsnorm before them
-//! and a gate/up swiglu after them fused, and quantized groups with the rmsnorm fused
-//! into their x (`quantize_x`): every output (the matvecs', the rmsnorm's, the swiglu's)
+//! which the graph uses for f16/bf16 and quantized single-token matvecs with the rmsnorm
+//! before them and a gate/up swiglu after them fused, and the quantized groups
+//! (`gemv_quant`, for what the pipelined kernel does not take: mixed dtypes, rows that
+//! are not 16-byte multiples) with the rmsnorm fused into their x (`quantize_x`): every
+//! output (the matvecs', the rmsnorm's, the swiglu's)
 //! must match the CPU running the same ops one by one, at Llama-like shapes (many
 //! pipeline stages per block, rows split into parts, pairs, bias and accumulation) and
 //! odd ones.
@@ -20,6 +22,10 @@ struct Case {
     norm: bool,
     pair: bool,
     flags: u32,
+    /// The last matrix's dtype, where it differs (Q4_K_M's q/k/v).
+    last_dt: Option<DType>,
+    /// Recorded as one pipelined launch (`mvp`) on sm_90 (else the quantized group path).
+    piped: bool,
 }
 
 const CASES: &[Case] = &[
@@ -31,6 +37,8 @@ const CASES: &[Case] = &[
         norm: true,
         pair: false,
         flags: 0,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "rmsnorm + gate/up + swiglu, q4_K, k 2048 (rmsnorm inside the group)",
@@ -40,6 +48,8 @@ const CASES: &[Case] = &[
         norm: true,
         pair: true,
         flags: 0,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "gate/up + swiglu, q8_0, k 2048 (pair: tiles from a counter)",
@@ -49,6 +59,8 @@ const CASES: &[Case] = &[
         norm: false,
         pair: true,
         flags: 0,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "rmsnorm + output, q6_K, k 2048, 40000 rows (tiles from a counter)",
@@ -58,6 +70,8 @@ const CASES: &[Case] = &[
         norm: true,
         pair: false,
         flags: 0,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "output, q8_0, k 2048, 40000 rows (tiles from a counter), accumulated",
@@ -67,6 +81,8 @@ const CASES: &[Case] = &[
         norm: false,
         pair: false,
         flags: abi::MATMUL_ACCUMULATE,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "rmsnorm + output, q6_K, k 1536",
@@ -76,6 +92,8 @@ const CASES: &[Case] = &[
         norm: true,
         pair: false,
         flags: 0,
+        last_dt: None,
+        piped: false,
     },
     Case {
         name: "rmsnorm + q/k/v, bf16, k 2048",
@@ -85,6 +103,8 @@ const CASES: &[Case] = &[
         norm: true,
         pair: false,
         flags: 0,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "rmsnorm + gate/up + swiglu, bf16, k 2048",
@@ -94,6 +114,8 @@ const CASES: &[Case] = &[
         norm: true,
         pair: true,
         flags: 0,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "down += , f16, k 8192 (4 parts a row)",
@@ -103,6 +125,8 @@ const CASES: &[Case] = &[
         norm: false,
         pair: false,
         flags: abi::MATMUL_ACCUMULATE,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "rmsnorm + output with bias, f16, k 1536, 1000 rows",
@@ -112,6 +136,8 @@ const CASES: &[Case] = &[
         norm: true,
         pair: false,
         flags: abi::MATMUL_BIAS,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "rmsnorm + gate/up + swiglu, bf16, k 4096 (2 parts), 300 rows",
@@ -121,6 +147,8 @@ const CASES: &[Case] = &[
         norm: true,
         pair: true,
         flags: 0,
+        last_dt: None,
+        piped: true,
     },
     Case {
         name: "rmsnorm over 8192 (4 parts) + 2 matvecs, bf16, 70 and 3 rows",
@@ -130,6 +158,85 @@ const CASES: &[Case] = &[
         norm: true,
         pair: false,
         flags: abi::MATMUL_ACCUMULATE | abi::MATMUL_BIAS,
+        last_dt: None,
+        piped: true,
+    },
+    Case {
+        name: "rmsnorm + q/k (q4_K) + v (q6_K), k 2048 (mixed dtypes: the quantized group)",
+        dt: DType::Q4_K,
+        k: 2048,
+        ms: &[2048, 512, 512],
+        norm: true,
+        pair: false,
+        flags: 0,
+        last_dt: Some(DType::Q6_K),
+        piped: false,
+    },
+    Case {
+        name: "down +=, q4_K, k 8192 (4 parts a row)",
+        dt: DType::Q4_K,
+        k: 8192,
+        ms: &[2048],
+        norm: false,
+        pair: false,
+        flags: abi::MATMUL_ACCUMULATE,
+        last_dt: None,
+        piped: true,
+    },
+    Case {
+        name: "down +=, q8_0 with bias, k 8192 (4 parts a row), 300 rows",
+        dt: DType::Q8_0,
+        k: 8192,
+        ms: &[300],
+        norm: false,
+        pair: false,
+        flags: abi::MATMUL_ACCUMULATE | abi::MATMUL_BIAS,
+        last_dt: None,
+        piped: true,
+    },
+    Case {
+        name: "rmsnorm + gate/up + swiglu, q5_K, k 2048, 1000 rows",
+        dt: DType::Q5_K,
+        k: 2048,
+        ms: &[1000, 1000],
+        norm: true,
+        pair: true,
+        flags: 0,
+        last_dt: None,
+        piped: true,
+    },
+    Case {
+        name: "rmsnorm + q/k/v, q4_1, k 1024",
+        dt: DType::Q4_1,
+        k: 1024,
+        ms: &[1024, 256, 256],
+        norm: true,
+        pair: false,
+        flags: 0,
+        last_dt: None,
+        piped: true,
+    },
+    Case {
+        name: "gate/up + swiglu, q4_0, k 2048, 264 rows",
+        dt: DType::Q4_0,
+        k: 2048,
+        ms: &[264, 264],
+        norm: false,
+        pair: true,
+        flags: 0,
+        last_dt: None,
+        piped: true,
+    },
+    Case {
+        name: "output, q5_0, k 2048, 3000 rows",
+        dt: DType::Q5_0,
+        k: 2048,
+        ms: &[3000],
+        norm: false,
+        pair: false,
+        flags: 0,
+        last_dt: None,
+        piped: true,
     },
 ];
 
@@ -144,8 +251,12 @@ fn pipelined_matvec_matches_the_cpu() {
         let nw = img.f32s(&rng.f32s(k).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
         let xn = img.out(4 * k);
         let mut mats = Vec::new();
-        for &m in case.ms {
-            let w = img.put(&weights(case.dt, m, k, &mut rng));
+        for (i, &m) in case.ms.iter().enumerate() {
+            let dt = match case.last_dt {
+                Some(d) if i + 1 == case.ms.len() => d,
+                _ => case.dt,
+            };
+            let w = img.put(&weights(dt, m, k, &mut rng));
             let bias = img.f32s(&rng.f32s(m));
             // Accumulating outputs start from values; others from NaN (unwritten shows).
             let out = if case.flags & abi::MATMUL_ACCUMULATE != 0 {
@@ -153,7 +264,7 @@ fn pipelined_matvec_matches_the_cpu() {
             } else {
                 img.out(4 * m)
             };
-            mats.push((w, m, bias, out));
+            mats.push((w, dt, m, bias, out));
         }
         let l = img.size();
         let mut ops = Vec::new();
@@ -168,10 +279,10 @@ fn pipelined_matvec_matches_the_cpu() {
             };
             ops.push(op(code::RMSNORM, &r, l));
         }
-        for &(w, m, bias, out) in &mats {
+        for &(w, dt, m, bias, out) in &mats {
             let mm = abi::Matmul {
                 w,
-                dtype: case.dt as u32,
+                dtype: dt as u32,
                 m: m as u32,
                 k: k as u32,
                 x: if case.norm { xn } else { x },
@@ -185,9 +296,9 @@ fn pipelined_matvec_matches_the_cpu() {
         if case.pair {
             // In place over gate's output, as the guest does.
             let s = abi::SwiGlu {
-                gate: mats[0].3,
-                up: mats[1].3,
-                out: mats[0].3,
+                gate: mats[0].4,
+                up: mats[1].4,
+                out: mats[0].4,
                 len: case.ms[0] as u32,
             };
             ops.push(op(code::SWIGLU, &s, l));
@@ -206,8 +317,7 @@ fn pipelined_matvec_matches_the_cpu() {
             cg.launch(rc.mem()).unwrap();
             cg.wait().unwrap();
         }
-        let dense = matches!(case.dt, DType::F16 | DType::BF16);
-        if dense && gpu.has_pipelined_matvec() {
+        if case.piped && gpu.has_pipelined_matvec() {
             // Recorded as one pipelined launch (other tests running alongside may add more).
             assert!(
                 samepage_backend_cuda::pipelined_matvecs() > before,
@@ -230,7 +340,7 @@ fn pipelined_matvec_matches_the_cpu() {
         if case.norm {
             check("rmsnorm out", xn, k);
         }
-        for (i, &(_, m, _, out)) in mats.iter().enumerate() {
+        for (i, &(_, _, m, _, out)) in mats.iter().enumerate() {
             check(&format!("matvec {i} out"), out, m);
         }
     }
