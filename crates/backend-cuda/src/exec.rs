@@ -1110,11 +1110,32 @@ fn mvq_early(dt: DType) -> u32 {
 }
 
 /// Rows each warp of the quantized pipelined matvec decodes per stage
-/// (`SAMEPAGE_CUDA_MVQ_RW`, 1 or 2, default 2): two independent chains a lane and twice
-/// the bytes per stage.
-fn mvq_rows_per_warp() -> u32 {
-    static W: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *W.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_RW").map_or(2, |v| v.clamp(1, 2) as u32))
+/// (`SAMEPAGE_CUDA_MVQ_RW`, 1 or 2, default 2; for rows over 4096 elements
+/// `SAMEPAGE_CUDA_MVQ_RW_LONG`, default 2): two independent chains a lane and twice the
+/// bytes per stage. H100, tg128, interleaved in one call: Q4_K_M 1433/1441 tok/s with 2
+/// vs 1150/1159 with 1, Q8_0 1258/1257 vs 1132/1131.
+fn mvq_rows_per_warp(k: u32) -> u32 {
+    static W: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    let (short, long) = *W.get_or_init(|| {
+        let get = |name| env_num(name).map_or(2, |v| v.clamp(1, 2) as u32);
+        (get("SAMEPAGE_CUDA_MVQ_RW"), get("SAMEPAGE_CUDA_MVQ_RW_LONG"))
+    });
+    if k > 4096 {
+        long
+    } else {
+        short
+    }
+}
+
+/// The quantized pipelined matvec takes a step only with at least this many stages
+/// (`SAMEPAGE_CUDA_MVQ_MIN_STAGES`, default 64): a small matrix (few stages, most blocks
+/// idle after quantizing x) does better on `gemv_quant`. H100, interleaved in one call:
+/// tg128 Q4_K_M 1437/1431 tok/s with 64 vs 1424 with 0 (Llama-1B's 512-row v goes back
+/// to `gemv_quant`), Q8_0 1289/1283 vs 1273/1277; SmolLM2-135M Q4_1 decode (its down
+/// projection, 576 rows, the only step it took) 1220/1217 with it vs 1260/1252 without.
+fn mvq_min_stages() -> u64 {
+    static M: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *M.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_MIN_STAGES").unwrap_or(64))
 }
 
 /// Blocks of a quantized pipelined matvec launch sized to share one SM
@@ -1171,7 +1192,11 @@ fn mvp_plan<'k>(
             let rb = dt.row_bytes(m0.k as usize)? as u32;
             let (st, qbps, long_bps) = mvq_knobs();
             let qbps = if m0.k > 4096 { long_bps } else { qbps };
-            let r = 8 * mvq_rows_per_warp() / p;
+            let r = 8 * mvq_rows_per_warp(m0.k) / p;
+            let rows: u64 = ms.iter().map(|m| m.m as u64).sum();
+            if rows.div_ceil(r as u64) < mvq_min_stages() {
+                return None;
+            }
             (f, 1, p, r, r * rb + 16, mvq_x_bytes(m0.k), st, qbps)
         }
     };

@@ -24,13 +24,14 @@ struct Case {
     flags: u32,
     /// The last matrix's dtype, where it differs (Q4_K_M's q/k/v).
     last_dt: Option<DType>,
-    /// Recorded as one pipelined launch (`mvp`) on sm_90 (else the quantized group path).
+    /// Recorded as one pipelined launch (`mvp`) on sm_90 (else the quantized group path:
+    /// mixed dtypes, rows that are not 16-byte multiples, fewer than 64 stages).
     piped: bool,
 }
 
 const CASES: &[Case] = &[
     Case {
-        name: "rmsnorm + q/k/v, q8_0, k 2048 (rmsnorm inside the quantized group)",
+        name: "rmsnorm + q/k/v, q8_0, k 2048 (rmsnorm fused into the quantized x)",
         dt: DType::Q8_0,
         k: 2048,
         ms: &[2048, 512, 512],
@@ -41,7 +42,7 @@ const CASES: &[Case] = &[
         piped: true,
     },
     Case {
-        name: "rmsnorm + gate/up + swiglu, q4_K, k 2048 (rmsnorm inside the group)",
+        name: "rmsnorm + gate/up + swiglu, q4_K, k 2048",
         dt: DType::Q4_K,
         k: 2048,
         ms: &[8192, 8192],
@@ -52,7 +53,7 @@ const CASES: &[Case] = &[
         piped: true,
     },
     Case {
-        name: "gate/up + swiglu, q8_0, k 2048 (pair: tiles from a counter)",
+        name: "gate/up + swiglu, q8_0, k 2048",
         dt: DType::Q8_0,
         k: 2048,
         ms: &[8192, 8192],
@@ -63,7 +64,7 @@ const CASES: &[Case] = &[
         piped: true,
     },
     Case {
-        name: "rmsnorm + output, q6_K, k 2048, 40000 rows (tiles from a counter)",
+        name: "rmsnorm + output, q6_K, k 2048, 40000 rows",
         dt: DType::Q6_K,
         k: 2048,
         ms: &[40000],
@@ -74,7 +75,7 @@ const CASES: &[Case] = &[
         piped: true,
     },
     Case {
-        name: "output, q8_0, k 2048, 40000 rows (tiles from a counter), accumulated",
+        name: "output, q8_0, k 2048, 40000 rows, accumulated",
         dt: DType::Q8_0,
         k: 2048,
         ms: &[40000],
@@ -85,7 +86,7 @@ const CASES: &[Case] = &[
         piped: true,
     },
     Case {
-        name: "rmsnorm + output, q6_K, k 1536",
+        name: "rmsnorm + output, q6_K, k 1536 (1260-byte rows: the quantized group)",
         dt: DType::Q6_K,
         k: 1536,
         ms: &[1000],
@@ -173,7 +174,7 @@ const CASES: &[Case] = &[
         piped: false,
     },
     Case {
-        name: "down +=, q4_K, k 8192 (4 parts a row)",
+        name: "down +=, q4_K, k 8192 (2 parts a row)",
         dt: DType::Q4_K,
         k: 8192,
         ms: &[2048],
@@ -217,10 +218,10 @@ const CASES: &[Case] = &[
         piped: true,
     },
     Case {
-        name: "gate/up + swiglu, q4_0, k 2048, 264 rows",
+        name: "gate/up + swiglu, q4_0, k 2048, 600 rows",
         dt: DType::Q4_0,
         k: 2048,
-        ms: &[264, 264],
+        ms: &[600, 600],
         norm: false,
         pair: true,
         flags: 0,
