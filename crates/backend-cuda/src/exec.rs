@@ -1631,15 +1631,13 @@ mod tests {
         assert_eq!(super::mvq_shape(DType::Q4_1, 576), None);
         assert_eq!(super::mvq_shape(DType::Q8_0, 16384), None);
         assert_eq!(super::mvq_shape(DType::BF16, 2048), None);
-        for dt in [
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::Q5_0,
-            DType::Q4_K,
-            DType::Q5_K,
-            DType::Q6_K,
-        ] {
+        // The seven quantized dtypes `QUnit` decodes; every shape given fits the kernel.
+        let decoded: Vec<DType> = DType::ALL
+            .into_iter()
+            .filter(|&d| super::mvq_dtype(d as u32).is_some())
+            .collect();
+        assert_eq!(decoded.len(), 7);
+        for dt in decoded {
             for k in (256..=8192).step_by(256) {
                 if let Some(p) = super::mvq_shape(dt, k) {
                     let unit = super::mvq_dtype(dt as u32).unwrap();

@@ -29,9 +29,11 @@
 // epilogue; a row's bytes are its ggml blocks (16-byte multiple), a part is k / P
 // elements of whole blocks, a stage buffer has 16 bytes of slack for the decoders' word
 // reads. After the wait every block quantizes x (or rmsnorm(x) * weight, `quantize_x`
-// with the norm fused; the weight read before the wait) into shared memory once, and each warp's lanes take the part's
-// units (`QUnit<DT>::dot`: integer dot products against the quantized x). One bulk copy
-// per run of rows, instead of one per warp and chunk (`gemv_quant`'s ring).
+// with the norm fused, the weight read before the wait) into shared memory once. A stage
+// holds R = 16 / P rows (or 8 / P, `SAMEPAGE_CUDA_MVQ_RW=1`): each warp takes part
+// warp % P of two rows, its lanes the part's units (`QUnit<DT>::dot`, integer dot
+// products against the quantized x), two independent chains a lane. One bulk copy per
+// run of rows, instead of one per warp and chunk (`gemv_quant`'s ring).
 #define MVP_SMAX 8
 struct MvPipe {
     Matmul m[3];
