@@ -1138,6 +1138,15 @@ fn mvq_min_stages() -> u64 {
     *M.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_MIN_STAGES").unwrap_or(64))
 }
 
+/// ... and at most this many (`SAMEPAGE_CUDA_MVQ_MAX_STAGES`, default 0: no limit). The
+/// output head (8016 stages for Llama-1B) is no slower here than on `gemv_quant`'s counter
+/// tiles (H100, tg128, interleaved: Q4_K_M 1435/1437 tok/s vs 1414/1414 with 4096, Q8_0
+/// 1288/1288 vs 1283/1283; head 83.6 us for Q6_K, 101.5 vs 103.3 us for Q8_0).
+fn mvq_max_stages() -> u64 {
+    static M: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *M.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_MAX_STAGES").unwrap_or(0))
+}
+
 /// Blocks of a quantized pipelined matvec launch sized to share one SM
 /// (`SAMEPAGE_CUDA_MVQ_FIT`, 2-4, default 2). H100, tg128, interleaved in one call:
 /// Q4_K_M 1435/1441 tok/s with 2 vs 1381/1391 with 3 (and 1288/1296 without the
@@ -1194,7 +1203,8 @@ fn mvp_plan<'k>(
             let qbps = if m0.k > 4096 { long_bps } else { qbps };
             let r = 8 * mvq_rows_per_warp(m0.k) / p;
             let rows: u64 = ms.iter().map(|m| m.m as u64).sum();
-            if rows.div_ceil(r as u64) < mvq_min_stages() {
+            let nst = rows.div_ceil(r as u64);
+            if nst < mvq_min_stages() || (mvq_max_stages() > 0 && nst > mvq_max_stages()) {
                 return None;
             }
             (f, 1, p, r, r * rb + 16, mvq_x_bytes(m0.k), st, qbps)
