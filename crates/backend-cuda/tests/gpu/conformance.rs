@@ -583,20 +583,8 @@ fn sample_matches_the_cpu_draw_for_draw() {
                 .map(|x| if ties { x.round() } else { x })
                 .collect();
             let mut img = Image::default();
-            let lo = img.f32s(&logits);
-            let po = img.put(samepage_abi::pod_bytes(p));
-            let ho = img.u32s(&history);
-            let ro = img.put(&(seed * 7919 + 3).to_le_bytes());
-            let oo = img.out(4);
-            let d = abi::Sample {
-                logits: lo,
-                vocab: vocab as u32,
-                params: po,
-                history: ho,
-                history_cap: history.len() as u32,
-                rng: ro,
-                out: oo,
-            };
+            let d = put_sample(&mut img, &logits, p, &history, seed * 7919 + 3);
+            let (ro, oo) = (d.rng, d.out);
             let (c, g) = run_both(&gpu, &img, &[op(code::SAMPLE, &d, img.size())]);
             let (tc, tg) = (read_u32s(&c, oo, 1)[0], read_u32s(&g, oo, 1)[0]);
             assert_eq!(
@@ -616,6 +604,20 @@ fn sample_matches_the_cpu_draw_for_draw() {
     }
 }
 
+/// A sample op's tensors put into `img` (logits, parameters, token history, the rng
+/// state `seed`, one output word) and its descriptor.
+fn put_sample(img: &mut Image, logits: &[f32], p: &SampleParams, history: &[u32], seed: u64) -> abi::Sample {
+    abi::Sample {
+        logits: img.f32s(logits),
+        vocab: logits.len() as u32,
+        params: img.put(samepage_abi::pod_bytes(p)),
+        history: img.u32s(history),
+        history_cap: history.len() as u32,
+        rng: img.put(&seed.to_le_bytes()),
+        out: img.out(4),
+    }
+}
+
 /// Greedy sampling over a Llama-3-sized vocabulary runs as several blocks whose maxima the
 /// last block merges: the same token as the CPU (the first index among equal maxima, a NaN
 /// never chosen), launch after launch of one graph (the merge counter re-arms).
@@ -626,20 +628,8 @@ fn greedy_sample_over_blocks_matches_the_cpu() {
     let mut rng = Rng::new(77);
     let vocab = 128_256usize + 7;
     let mut img = Image::default();
-    let lo = img.f32s(&vec![0.0; vocab]);
-    let po = img.put(samepage_abi::pod_bytes(&SampleParams::default()));
-    let ho = img.u32s(&[0; 4]);
-    let ro = img.put(&3u64.to_le_bytes());
-    let oo = img.out(4);
-    let d = abi::Sample {
-        logits: lo,
-        vocab: vocab as u32,
-        params: po,
-        history: ho,
-        history_cap: 4,
-        rng: ro,
-        out: oo,
-    };
+    let d = put_sample(&mut img, &vec![0.0; vocab], &SampleParams::default(), &[0; 4], 3);
+    let (lo, oo) = (d.logits, d.out);
     let ops = vec![op(code::SAMPLE, &d, img.size())];
     let (rg, rc) = (load(&gpu, &img), load(&cpu, &img));
     let mut g = gpu.record(ops.clone()).unwrap();
