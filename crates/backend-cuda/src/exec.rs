@@ -1057,14 +1057,14 @@ pub(crate) fn mvq_dtype(code: u32) -> Option<u32> {
     }
 }
 
-/// Parts per row (P, a warp each, R = 8 / P rows per stage) of the quantized pipelined
-/// matvec for rows of `k` elements: the fewest with at most 64 units a part (two per
-/// lane) and whole blocks; rows whose bytes are a 16-byte multiple (bulk copies) and
-/// k <= 8192 (x quantized in shared memory once, `quantize_x`).
+/// Parts per row (P, a warp each; a stage holds 8 / P rows times the rows each warp
+/// takes) of the quantized pipelined matvec for rows of `k` elements: the fewest with at
+/// most 64 units a part (two per lane) and whole blocks; rows whose bytes are a 16-byte
+/// multiple (bulk copies) and k <= QKW (x quantized in shared memory once, `quantize_x`).
 pub(crate) fn mvq_shape(dt: DType, k: u32) -> Option<u32> {
     let unit = mvq_dtype(dt as u32)?;
     let be = dt.block_elems() as u32;
-    if k == 0 || k > 8192 || !k.is_multiple_of(be) || !(dt.row_bytes(k as usize)? as u32).is_multiple_of(16) {
+    if k == 0 || k > QKW || !k.is_multiple_of(be) || !(dt.row_bytes(k as usize)? as u32).is_multiple_of(16) {
         return None;
     }
     let units = k / unit;
@@ -1080,85 +1080,64 @@ fn mvq_x_bytes(k: u32) -> u32 {
     (g + g / 8) * 16 + k / 32 * 4 + k / 16 * 4
 }
 
-/// Quantized pipelined matvec: most stages in flight per block
-/// (`SAMEPAGE_CUDA_MVQ_STAGES`, default 8, at most what lets `mvq_fit` blocks share an
-/// SM) and blocks per SM (`SAMEPAGE_CUDA_MVQ_BPS`, default 2; for rows over 4096
-/// elements `SAMEPAGE_CUDA_MVQ_BPS_LONG`, default 2: every block quantizes all of x).
-/// `SAMEPAGE_CUDA_MVQ=0` turns it off (the quantized steps then launch `gemv_quant` as
-/// before).
-fn mvq_knobs() -> (u32, u64, u64) {
-    static K: std::sync::OnceLock<(u32, u64, u64)> = std::sync::OnceLock::new();
-    *K.get_or_init(|| {
-        (
-            env_num("SAMEPAGE_CUDA_MVQ_STAGES")
-                .unwrap_or(8)
-                .clamp(2, crate::kernels::MVP_SMAX as u64) as u32,
-            env_num("SAMEPAGE_CUDA_MVQ_BPS").unwrap_or(2).clamp(1, 4),
-            env_num("SAMEPAGE_CUDA_MVQ_BPS_LONG").unwrap_or(2).clamp(1, 4),
-        )
+/// The quantized pipelined matvec's switches (all `SAMEPAGE_CUDA_MVQ_*`, read once).
+/// Every default was measured on an H100, tg128, variants interleaved in one call (see
+/// scripts/cuda/NOTES.md, session 6).
+struct MvqKnobs {
+    /// `SAMEPAGE_CUDA_MVQ=0`: off (the quantized steps launch `gemv_quant` as before).
+    on: bool,
+    /// `_STAGES`: most stages in flight per block (default 8, at most what lets `fit`
+    /// blocks share an SM).
+    stages: u32,
+    /// `_BPS`, `_BPS_LONG` (rows over 4096 elements, where every block quantizes all of
+    /// x): blocks per SM (default 2 and 2).
+    bps: u64,
+    bps_long: u64,
+    /// `_RW`, `_RW_LONG`: rows each warp decodes per stage, 1 or 2 (default 2 and 2: two
+    /// independent chains a lane and twice the bytes per stage; Q4_K_M 1433/1441 tok/s
+    /// with 2 vs 1150/1159 with 1, Q8_0 1258/1257 vs 1132/1131).
+    rw: u32,
+    rw_long: u32,
+    /// `_EARLY=N`: stages issued before the PDL wait, for every dtype; by default 1 for
+    /// Q8_0 and 2 for the others (Q8_0 1291/1281 tok/s with 1 vs 1255/1245 with 2;
+    /// Q4_K_M 1417/1418 with 1 vs 1433/1427 with 2).
+    early: Option<u32>,
+    /// `_MIN_STAGES`: only steps of at least this many stages (default 64: a small matrix,
+    /// most blocks idle after quantizing x, does better on `gemv_quant`; Q4_K_M 1437/1431
+    /// tok/s with 64 vs 1424 with 0, where Llama-1B's 512-row v goes back to `gemv_quant`,
+    /// Q8_0 1289/1283 vs 1273/1277; SmolLM2-135M Q4_1 decode, whose 576-row down
+    /// projection was the only step it took, 1220/1217 with the kernel vs 1260/1252
+    /// without).
+    min_stages: u64,
+    /// `_MAX_STAGES`: ... and at most this many (default 0: no limit; the output head,
+    /// 8016 stages for Llama-1B, is no slower here than on `gemv_quant`'s counter tiles:
+    /// Q4_K_M 1435/1437 tok/s vs 1414/1414 with 4096, Q8_0 1288/1288 vs 1283/1283).
+    max_stages: u64,
+    /// `_FIT`: blocks sized to share one SM, 2-4 (default 2; 3 would leave room for the
+    /// next launch's block to start its stream early, but fewer stages in flight measured
+    /// slower: Q4_K_M 1435/1441 tok/s with 2 vs 1381/1391 with 3, Q8_0 1258/1257 vs
+    /// 1200/1201).
+    fit: u32,
+}
+
+fn mvq_knobs() -> &'static MvqKnobs {
+    static K: std::sync::OnceLock<MvqKnobs> = std::sync::OnceLock::new();
+    K.get_or_init(|| {
+        let num = |name: &str| env_num(&format!("SAMEPAGE_CUDA_MVQ_{name}"));
+        let rw = |name: &str| num(name).map_or(2, |v| v.clamp(1, 2) as u32);
+        MvqKnobs {
+            on: std::env::var("SAMEPAGE_CUDA_MVQ").as_deref() != Ok("0"),
+            stages: num("STAGES").unwrap_or(8).clamp(2, crate::kernels::MVP_SMAX as u64) as u32,
+            bps: num("BPS").unwrap_or(2).clamp(1, 4),
+            bps_long: num("BPS_LONG").unwrap_or(2).clamp(1, 4),
+            rw: rw("RW"),
+            rw_long: rw("RW_LONG"),
+            early: num("EARLY").map(|v| v.min(64) as u32),
+            min_stages: num("MIN_STAGES").unwrap_or(64),
+            max_stages: num("MAX_STAGES").unwrap_or(0),
+            fit: num("FIT").map_or(2, |v| v.clamp(2, 4) as u32),
+        }
     })
-}
-
-/// Stages the quantized pipelined matvec issues before its PDL wait
-/// (`SAMEPAGE_CUDA_MVQ_EARLY=N` for every dtype): by default 1 for Q8_0 and 2 for the
-/// others (H100, tg128, interleaved in one call: Q8_0 1291/1281 tok/s with 1 vs
-/// 1255/1245 with 2; Q4_K_M 1417/1418 with 1 vs 1433/1427 with 2).
-fn mvq_early(dt: DType) -> u32 {
-    static E: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    let n = *E.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_EARLY").map(|v| v.min(64) as u32));
-    n.unwrap_or(if dt == DType::Q8_0 { 1 } else { 2 })
-}
-
-/// Rows each warp of the quantized pipelined matvec decodes per stage
-/// (`SAMEPAGE_CUDA_MVQ_RW`, 1 or 2, default 2; for rows over 4096 elements
-/// `SAMEPAGE_CUDA_MVQ_RW_LONG`, default 2): two independent chains a lane and twice the
-/// bytes per stage. H100, tg128, interleaved in one call: Q4_K_M 1433/1441 tok/s with 2
-/// vs 1150/1159 with 1, Q8_0 1258/1257 vs 1132/1131.
-fn mvq_rows_per_warp(k: u32) -> u32 {
-    static W: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
-    let (short, long) = *W.get_or_init(|| {
-        let get = |name| env_num(name).map_or(2, |v| v.clamp(1, 2) as u32);
-        (get("SAMEPAGE_CUDA_MVQ_RW"), get("SAMEPAGE_CUDA_MVQ_RW_LONG"))
-    });
-    if k > 4096 {
-        long
-    } else {
-        short
-    }
-}
-
-/// The quantized pipelined matvec takes a step only with at least this many stages
-/// (`SAMEPAGE_CUDA_MVQ_MIN_STAGES`, default 64): a small matrix (few stages, most blocks
-/// idle after quantizing x) does better on `gemv_quant`. H100, interleaved in one call:
-/// tg128 Q4_K_M 1437/1431 tok/s with 64 vs 1424 with 0 (Llama-1B's 512-row v goes back
-/// to `gemv_quant`), Q8_0 1289/1283 vs 1273/1277; SmolLM2-135M Q4_1 decode (its down
-/// projection, 576 rows, the only step it took) 1220/1217 with it vs 1260/1252 without.
-fn mvq_min_stages() -> u64 {
-    static M: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *M.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_MIN_STAGES").unwrap_or(64))
-}
-
-/// ... and at most this many (`SAMEPAGE_CUDA_MVQ_MAX_STAGES`, default 0: no limit). The
-/// output head (8016 stages for Llama-1B) is no slower here than on `gemv_quant`'s counter
-/// tiles (H100, tg128, interleaved: Q4_K_M 1435/1437 tok/s vs 1414/1414 with 4096, Q8_0
-/// 1288/1288 vs 1283/1283; head 83.6 us for Q6_K, 101.5 vs 103.3 us for Q8_0).
-fn mvq_max_stages() -> u64 {
-    static M: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *M.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_MAX_STAGES").unwrap_or(0))
-}
-
-/// Blocks of a quantized pipelined matvec launch sized to share one SM
-/// (`SAMEPAGE_CUDA_MVQ_FIT`, 2-4, default 2). H100, tg128, interleaved in one call:
-/// Q4_K_M 1435/1441 tok/s with 2 vs 1381/1391 with 3 (and 1288/1296 without the
-/// pipelined kernel), Q8_0 1258/1257 vs 1200/1201 (1217/1217 without).
-fn mvq_fit() -> u32 {
-    static F: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *F.get_or_init(|| env_num("SAMEPAGE_CUDA_MVQ_FIT").map_or(2, |v| v.clamp(2, 4) as u32))
-}
-
-fn mvq_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_MVQ").as_deref() != Ok("0"))
 }
 
 /// The pipelined matvec (`mvp_body` in cu/mvp.cu) for matvecs `ms` (with the rmsnorm
@@ -1193,21 +1172,22 @@ fn mvp_plan<'k>(
             (f, j, p, r, r * p * 32 * j * 16, xb, stages, bps)
         }
         _ => {
-            if !mvq_enabled() {
+            let q = mvq_knobs();
+            if !q.on {
                 return None;
             }
             let p = mvq_shape(dt, m0.k)?;
             let f = k.mvq.get(dt as usize)?.as_ref()?;
             let rb = dt.row_bytes(m0.k as usize)? as u32;
-            let (st, qbps, long_bps) = mvq_knobs();
-            let qbps = if m0.k > 4096 { long_bps } else { qbps };
-            let r = 8 * mvq_rows_per_warp(m0.k) / p;
+            let long = m0.k > 4096;
+            let r = 8 * if long { q.rw_long } else { q.rw } / p;
             let rows: u64 = ms.iter().map(|m| m.m as u64).sum();
             let nst = rows.div_ceil(r as u64);
-            if nst < mvq_min_stages() || (mvq_max_stages() > 0 && nst > mvq_max_stages()) {
+            if nst < q.min_stages || (q.max_stages > 0 && nst > q.max_stages) {
                 return None;
             }
-            (f, 1, p, r, r * rb + 16, mvq_x_bytes(m0.k), st, qbps)
+            let bps = if long { q.bps_long } else { q.bps };
+            (f, 1, p, r, r * rb + 16, mvq_x_bytes(m0.k), q.stages, bps)
         }
     };
     if sw.is_some() && (ms.len() != 2 || !r.is_multiple_of(2)) {
@@ -1250,15 +1230,12 @@ fn mvp_plan<'k>(
     // stages as the knob asks, but no more than let two blocks share an SM (so the next
     // launch's blocks start streaming before this one's end), and at least 2.
     let fixed = xb + pre as u32 * per_block * r * 4;
-    // Quantized: as many as let `mvq_fit` blocks share an SM (3: two of this launch's and
-    // one of the next launch's, which starts its own stream early; 2, the default: more
-    // stages in flight, measured faster). (Their static shared memory is 128 bytes over
-    // the dense kernels'.)
+    // Quantized: as many as let `MvqKnobs::fit` blocks share an SM (their static shared
+    // memory is 128 bytes over the dense kernels').
     let share = if quantized(dt) {
-        let fit = mvq_fit();
-        (k.mvp_smem_pair + 1024 + 256) * 2 / fit - (1024 + 256 + 128)
+        k.mvp_share(mvq_knobs().fit, 128)
     } else {
-        k.mvp_smem_pair
+        k.mvp_share(2, 0)
     };
     let fit2 = (share.saturating_sub(fixed) / sb).max(2);
     g.stages = if pair || quantized(dt) {
@@ -1266,7 +1243,12 @@ fn mvp_plan<'k>(
     } else {
         stages
     };
-    g.early = if quantized(dt) { mvq_early(dt) } else { mvp_early() }.min(g.stages);
+    g.early = if quantized(dt) {
+        mvq_knobs().early.unwrap_or(if dt == DType::Q8_0 { 1 } else { 2 })
+    } else {
+        mvp_early()
+    }
+    .min(g.stages);
     // `SAMEPAGE_CUDA_MVP_NW_EARLY=0`: the norm weight is read after the wait, with x.
     static NW_EARLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let nw_early = *NW_EARLY.get_or_init(|| env_num("SAMEPAGE_CUDA_MVP_NW_EARLY") != Some(0));

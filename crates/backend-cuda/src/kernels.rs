@@ -138,8 +138,9 @@ pub struct Kernels {
     /// The dynamic shared memory granted to each `mvp` kernel (the device's opt-in
     /// maximum per block).
     pub mvp_smem: u32,
-    /// The dynamic shared memory an `mvp` block may use for two to fit on one SM.
-    pub mvp_smem_pair: u32,
+    /// Shared memory of one multiprocessor (0 if the device did not say): what
+    /// [`Kernels::mvp_share`] divides.
+    pub sm_smem: u32,
     /// By dtype code: whether `matvec_<dtype>` and `matvecs_<dtype>` (quantized) were
     /// granted the shared memory of the TMA chunk ring (`exec::qmv_ring_bytes`; sm_90).
     pub qmv_tma: Vec<bool>,
@@ -164,6 +165,13 @@ pub struct Kernels {
 }
 
 impl Kernels {
+    /// The dynamic shared memory an `mvp` block may use for `blocks` of them to fit on one
+    /// SM: its share, less the 1 KiB the driver keeps per block and the kernel's static
+    /// shared memory (256 bytes, and `extra_static` more).
+    pub fn mvp_share(&self, blocks: u32, extra_static: u32) -> u32 {
+        (self.sm_smem / blocks.max(1)).saturating_sub(1024 + 256 + extra_static)
+    }
+
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, String> {
         let (major, minor) = ctx
             .compute_capability()
@@ -185,13 +193,11 @@ impl Kernels {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_or(0, |v| v.max(0) as u32)
             .saturating_sub(1024);
-        // Half an SM's shared memory, less the driver's 1 KiB and the static 256 bytes.
-        let mvp_smem_pair = ctx
+        let sm_smem = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
             )
-            .map_or(0, |v| v.max(0) as u32 / 2)
-            .saturating_sub(1024 + 256);
+            .map_or(0, |v| v.max(0) as u32);
         let f = |name: &str| -> Result<CudaFunction, String> {
             let func = module
                 .load_function(name)
@@ -244,7 +250,7 @@ impl Kernels {
             matvecs,
             qmv_tma,
             mvp_smem,
-            mvp_smem_pair,
+            sm_smem,
             mvp: if major >= 9 {
                 ["f16", "bf16"]
                     .iter()
