@@ -285,29 +285,20 @@ impl Buffer {
     /// like any Rust allocation.
     pub fn new(bytes: usize, align: usize) -> Buffer {
         let layout = Layout::from_size_align(bytes.max(1), align).expect("bad buffer layout");
-        // SAFETY: the layout has non-zero size.
+        Self::zeroed(layout, bytes).unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
+    }
+
+    /// A zeroed allocation of `layout` (non-zero size) holding `len` bytes, or `None`.
+    fn zeroed(layout: Layout, len: usize) -> Option<Buffer> {
+        // SAFETY: every caller's layout has non-zero size (`bytes.max(1)`).
         let ptr = unsafe { alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Buffer {
-            ptr,
-            layout,
-            len: bytes,
-        }
+        (!ptr.is_null()).then_some(Buffer { ptr, layout, len })
     }
 
     /// Like [`Buffer::new`], but `None` when the allocation fails (e.g. the guest's 4 GiB
     /// address space is exhausted) or the layout is invalid, instead of trapping.
     pub fn try_new(bytes: usize, align: usize) -> Option<Buffer> {
-        let layout = Layout::from_size_align(bytes.max(1), align).ok()?;
-        // SAFETY: the layout has non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        (!ptr.is_null()).then_some(Buffer {
-            ptr,
-            layout,
-            len: bytes,
-        })
+        Self::zeroed(Layout::from_size_align(bytes.max(1), align).ok()?, bytes)
     }
 
     /// Like [`Buffer::try_new`], but the allocation owns whole pages: page-aligned and
@@ -317,14 +308,10 @@ impl Buffer {
     /// the host and back (on a CUDA managed region, a ~100 us stall per token).
     /// [`Buffer::len`] is still `bytes`.
     pub fn try_pages(bytes: usize) -> Option<Buffer> {
-        let layout = Layout::from_size_align(bytes.max(1).checked_next_multiple_of(PAGE)?, PAGE).ok()?;
-        // SAFETY: the layout has non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        (!ptr.is_null()).then_some(Buffer {
-            ptr,
-            layout,
-            len: bytes,
-        })
+        Self::zeroed(
+            Layout::from_size_align(bytes.max(1).checked_next_multiple_of(PAGE)?, PAGE).ok()?,
+            bytes,
+        )
     }
 
     /// `n` zeroed f32s, 64-byte aligned.
