@@ -406,7 +406,7 @@ const MV_DYN: u32 = 2048;
 const QKW: u32 = 8192;
 
 /// Whether `dt` is a block-quantized type (the i16/dp2a matvec path).
-fn quantized(dt: DType) -> bool {
+pub(crate) fn quantized(dt: DType) -> bool {
     !matches!(dt, DType::F32 | DType::F16 | DType::BF16)
 }
 
@@ -543,6 +543,13 @@ fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
 /// after another: single-token matvecs of one dtype over the same x, and no op writes
 /// what another reads or writes (so their order cannot matter).
 pub(crate) fn groupable(ops: &[Op]) -> bool {
+    groupable_mixed(ops, false)
+}
+
+/// [`groupable`], and with `mixed` also matrices of a [`crate::kernels::MVQ_MIX`] pair
+/// (the first dtype, then the second: Q4_K_M's Q4_K q, k and Q6_K v), which only the
+/// pipelined matvec runs as one launch ([`launch_mv`] splits the group otherwise).
+pub(crate) fn groupable_mixed(ops: &[Op], mixed: bool) -> bool {
     if !(2..=3).contains(&ops.len()) {
         return false;
     }
@@ -557,8 +564,16 @@ pub(crate) fn groupable(ops: &[Op]) -> bool {
         return false;
     }
     let m0 = ms[0];
-    if ms.iter().any(|m| m.dtype != m0.dtype || m.x != m0.x || m.k != m0.k) {
+    if ms.iter().any(|m| m.x != m0.x || m.k != m0.k) {
         return false;
+    }
+    let mix = ms.iter().position(|m| m.dtype != m0.dtype).unwrap_or(ms.len());
+    if mix < ms.len() {
+        let pair = (DType::from_u32(m0.dtype), DType::from_u32(ms[mix].dtype));
+        let known = crate::kernels::MVQ_MIX.iter().any(|&(a, b)| pair == (Some(a), Some(b)));
+        if !mixed || !known || ms[mix..].iter().any(|m| m.dtype != ms[mix].dtype) {
+            return false;
+        }
     }
     let rw: Vec<_> = ms.iter().map(matvec_ranges).collect();
     for (i, (_, wi)) in rw.iter().enumerate() {
@@ -713,6 +728,7 @@ pub(crate) fn launch_rope_kv_attn(
     mut c: KCtx,
     ops: &[Op],
     early: bool,
+    after_quant: bool,
 ) -> Result<(), OpError> {
     let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s), Op::Attention(a)] = *ops else {
         return Err(OpError::runtime("cuda: not a rope/rope/kv_store/attention group"));
@@ -721,9 +737,17 @@ pub(crate) fn launch_rope_kv_attn(
     if let Some(f16) = attention_dec_fits(c.base, &a).filter(|_| splits == 1 || c.counters != 0) {
         let f = RopeKvAttn { q, k: kr, s, a };
         c.aux = splits | (early as u32) << 17;
+        // The narrow kernel (head_dim <= 64, 80 registers) after a quantized matvec step,
+        // whose blocks it can start beside: Q8_0 tg128 at depth 512 1284/1283 tok/s vs
+        // 1258/1255 with the wide one, Q4_K_M 1445/1451 vs 1426/1426; after bf16 it was
+        // the slower (846/841 vs 850/851). `SAMEPAGE_CUDA_ATTN64=0`: never, `=1`: always.
+        static NARROW: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        let knob = *NARROW.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN64"));
+        let narrow = a.head_dim <= 64 && knob.map_or(after_quant, |v| v != 0);
+        let fs = if narrow { &k.rope_kv_attn_64 } else { &k.rope_kv_attn };
         return go(
             stream,
-            &k.rope_kv_attn[f16 as usize],
+            &fs[f16 as usize],
             c,
             f,
             cfg(a.n_kv_heads as u64 * splits as u64, 256)?,
@@ -922,6 +946,7 @@ pub(crate) struct MvPipe {
     pre: u32,
     early: u32,
     nw_early: u32,
+    vmix: u32,
 }
 // SAFETY: #[repr(C)] of 4-byte scalars (Matmul is such a struct), no padding.
 unsafe impl samepage_abi::Pod for MvPipe {}
@@ -961,7 +986,7 @@ pub(crate) fn mv_step(ops: &[Op], i: usize, writes: &[(u64, u64)]) -> Option<MvS
     let j = i + norm.is_some() as usize;
     let len = (2..=3)
         .rev()
-        .find(|&l| j + l <= ops.len() && groupable(&ops[j..j + l]))
+        .find(|&l| j + l <= ops.len() && groupable_mixed(&ops[j..j + l], true))
         .unwrap_or(single(j) as usize);
     if len == 0 {
         return None;
@@ -1080,6 +1105,15 @@ fn mvq_x_bytes(k: u32) -> u32 {
     (g + g / 8) * 16 + k / 32 * 4 + k / 16 * 4
 }
 
+/// Stage buffers of a quantized pipelined matvec block: as many as asked (`want`) and as
+/// `fit` in its share of the SM, but never more than the block has stages (`per_block`),
+/// and one where two do not fit. Llama-1B's Q6_K down projection (k = 8192) has one stage
+/// of 53 KiB a block: two buffers did not let two blocks share an SM, and the second
+/// wave of blocks started only as the first ended (12 us a step instead of 5).
+fn mvq_stages(want: u32, fit: u32, per_block: u32) -> u32 {
+    want.min(fit.max(1)).min(per_block.max(1))
+}
+
 /// The quantized pipelined matvec's switches (all `SAMEPAGE_CUDA_MVQ_*`, read once).
 /// Every default was measured on an H100, tg128, variants interleaved in one call (see
 /// scripts/cuda/NOTES.md, session 6).
@@ -1102,6 +1136,8 @@ struct MvqKnobs {
     /// Q8_0 and 2 for the others (Q8_0 1291/1281 tok/s with 1 vs 1255/1245 with 2;
     /// Q4_K_M 1417/1418 with 1 vs 1433/1427 with 2).
     early: Option<u32>,
+    /// `_EARLY_LONG=N`: the same for rows over 4096 elements (default: as `_EARLY`).
+    early_long: Option<u32>,
     /// `_MIN_STAGES`: only steps of at least this many stages (default 64: a small matrix,
     /// most blocks idle after quantizing x, does better on `gemv_quant`; Q4_K_M 1437/1431
     /// tok/s with 64 vs 1424 with 0, where Llama-1B's 512-row v goes back to `gemv_quant`,
@@ -1118,6 +1154,11 @@ struct MvqKnobs {
     /// slower: Q4_K_M 1435/1441 tok/s with 2 vs 1381/1391 with 3, Q8_0 1258/1257 vs
     /// 1200/1201).
     fit: u32,
+    /// `_REST=0`: Q8_0 steps issue their stages after the early ones once x is quantized,
+    /// as the other dtypes do (by default they are issued as soon as x's loads are:
+    /// Q8_0 tg128 1353/1354 tok/s vs 1315/1313; the same for Q4_K_M gave 1379/1373 vs
+    /// 1442/1437, and for bf16 843/841 vs 861/859, so only Q8_0 has it: `mvp_q8_0_rest`).
+    rest: bool,
 }
 
 fn mvq_knobs() -> &'static MvqKnobs {
@@ -1133,9 +1174,11 @@ fn mvq_knobs() -> &'static MvqKnobs {
             rw: rw("RW"),
             rw_long: rw("RW_LONG"),
             early: num("EARLY").map(|v| v.min(64) as u32),
+            early_long: num("EARLY_LONG").map(|v| v.min(64) as u32),
             min_stages: num("MIN_STAGES").unwrap_or(64),
             max_stages: num("MAX_STAGES").unwrap_or(0),
             fit: num("FIT").map_or(2, |v| v.clamp(2, 4) as u32),
+            rest: num("REST") != Some(0),
         }
     })
 }
@@ -1156,10 +1199,17 @@ fn mvp_plan<'k>(
 ) -> Option<(MvPipe, &'k CudaFunction, u64, u32)> {
     let (on, stages, bps, pair) = mvp_knobs();
     let m0 = *ms.first()?;
-    if !on || ms.len() > 3 || !ms.iter().all(|m| m.dtype == m0.dtype && m.k == m0.k) {
+    if !on || ms.len() > 3 || !ms.iter().all(|m| m.k == m0.k) {
         return None;
     }
     let dt = DType::from_u32(m0.dtype)?;
+    // Two dtypes: the matrices from `mix` on are of `dt2` (a kernel of `MVQ_MIX`).
+    let mix = ms.iter().position(|m| m.dtype != m0.dtype).unwrap_or(ms.len());
+    let dt2 = match ms.get(mix) {
+        None => dt,
+        Some(m) if sw.is_none() && ms[mix..].iter().all(|x| x.dtype == m.dtype) => DType::from_u32(m.dtype)?,
+        Some(_) => return None,
+    };
     // (kernel, J, P, R, stage bytes, x and norm weight bytes in shared memory, stages,
     // blocks per SM)
     let (f, j, p, r, sb, xb, stages, bps) = match dt {
@@ -1177,13 +1227,25 @@ fn mvp_plan<'k>(
                 return None;
             }
             let p = mvq_shape(dt, m0.k)?;
-            let f = k.mvq.get(dt as usize)?.as_ref()?;
-            let rb = dt.row_bytes(m0.k as usize)? as u32;
+            let f = if dt2 == dt && dt == DType::Q8_0 && q.rest && k.mvq_q8_0_rest.is_some() {
+                k.mvq_q8_0_rest.as_ref()?
+            } else if dt2 == dt {
+                k.mvq.get(dt as usize)?.as_ref()?
+            } else {
+                (mvq_shape(dt2, m0.k)? == p).then_some(())?;
+                k.mvq_mix.iter().find(|(a, b, _)| (*a, *b) == (dt, dt2))?.2.as_ref()?
+            };
+            let rb = dt.row_bytes(m0.k as usize)?.max(dt2.row_bytes(m0.k as usize)?) as u32;
             let long = m0.k > 4096;
             let r = 8 * if long { q.rw_long } else { q.rw } / p;
             let rows: u64 = ms.iter().map(|m| m.m as u64).sum();
             let nst = rows.div_ceil(r as u64);
             if nst < q.min_stages || (q.max_stages > 0 && nst > q.max_stages) {
+                return None;
+            }
+            // A stage is of one dtype: the rows before the second start at a stage.
+            let before: u64 = ms[..mix].iter().map(|m| m.m as u64).sum();
+            if mix < ms.len() && !before.is_multiple_of(r as u64) {
                 return None;
             }
             let bps = if long { q.bps_long } else { q.bps };
@@ -1205,9 +1267,15 @@ fn mvp_plan<'k>(
     };
     let mut rows = 0u64;
     for (i, m) in ms.iter().enumerate() {
+        if i == mix {
+            g.vmix = u32::try_from(rows).ok()?;
+        }
         g.m[i] = *m;
         rows += m.m as u64;
         g.rend[i] = u32::try_from(rows).ok()?;
+    }
+    if mix == ms.len() {
+        g.vmix = u32::try_from(rows).ok()?;
     }
     if let Some(s) = sw {
         g.pair = 1;
@@ -1237,14 +1305,22 @@ fn mvp_plan<'k>(
     } else {
         k.mvp_share(2, 0)
     };
-    let fit2 = (share.saturating_sub(fixed) / sb).max(2);
-    g.stages = if pair || quantized(dt) {
-        stages.min(fit2)
+    let fit = share.saturating_sub(fixed) / sb;
+    g.stages = if quantized(dt) {
+        mvq_stages(stages, fit, per_block)
+    } else if pair {
+        stages.min(fit.max(2))
     } else {
         stages
     };
     g.early = if quantized(dt) {
-        mvq_knobs().early.unwrap_or(if dt == DType::Q8_0 { 1 } else { 2 })
+        let q = mvq_knobs();
+        let early = q.early.unwrap_or(if dt == DType::Q8_0 { 1 } else { 2 });
+        if m0.k > 4096 {
+            q.early_long.unwrap_or(early)
+        } else {
+            early
+        }
     } else {
         mvp_early()
     }
@@ -1282,6 +1358,28 @@ pub(crate) fn launch_mv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op], s
             crate::count_pipelined();
             return Ok(());
         }
+    }
+    // A group of two dtypes that the pipelined matvec did not take: the first dtype's
+    // matrices (with the rmsnorm), then the rest, as two steps.
+    if let Some(mix) = ms.iter().position(|m| m.dtype != ms[0].dtype) {
+        let first = MvStep {
+            len: mix,
+            swiglu: false,
+            ..s
+        };
+        launch_mv(k, stream, c, &ops[..first.ops()], first)?;
+        let rest = MvStep {
+            at: s.at + first.ops(),
+            norm: false,
+            len: s.len - mix,
+            swiglu: false,
+            ..s
+        };
+        let c2 = KCtx {
+            op: c.op + first.ops() as u32,
+            ..c
+        };
+        return launch_mv(k, stream, c2, &ops[first.ops()..first.ops() + rest.ops()], rest);
     }
     // Quantized: the rmsnorm inside the group's launch where it fits, else on its own.
     let nm = quant_norm(c.base, norm, &ms);
@@ -1639,6 +1737,26 @@ mod tests {
             }
         }
         assert_eq!(super::mvq_x_bytes(2048), (256 + 32) * 16 + 64 * 4 + 128 * 4);
+    }
+
+    /// Stage buffers of the quantized pipelined matvec: two blocks of Llama-1B's Q6_K down
+    /// projection (2048 rows of k = 8192 over 264 blocks: one stage each) share an H100 SM.
+    #[test]
+    fn mvq_stage_buffers() {
+        let (k, rows, blocks) = (8192u32, 2048u32, 264u32);
+        let p = super::mvq_shape(DType::Q6_K, k).unwrap();
+        let r = 16 / p;
+        let sb = r * DType::Q6_K.row_bytes(k as usize).unwrap() as u32 + 16;
+        let per_block = rows.div_ceil(r).div_ceil(blocks);
+        let share = 233_472 / 2 - (1024 + 256 + 128); // H100: 228 KiB an SM, two blocks
+        let fixed = super::mvq_x_bytes(k) + per_block * r * 4;
+        let n = super::mvq_stages(8, (share - fixed) / sb, per_block);
+        assert_eq!((per_block, n), (1, 1));
+        assert!(fixed + n * sb <= share);
+        // Where the block has more stages than fit, as many as fit, and at least one.
+        assert_eq!(super::mvq_stages(8, 3, 4), 3);
+        assert_eq!(super::mvq_stages(8, 0, 4), 1);
+        assert_eq!(super::mvq_stages(2, 5, 4), 2);
     }
 
     /// The pipelined matvec's part shapes: k = 256 J P with J <= 8 registers' worth of x

@@ -299,8 +299,19 @@ impl CudaOpGraph {
                 // Slots 0 and 2: rope(q).positions and kv_store.pos.
                 let staged = |slot: u32| (c.tmap >> (8 * slot)) & 0xff != 0xff;
                 let early = staged(0) && staged(2) && self.tok_ready_early(j);
-                exec::launch_rope_kv_attn(&inner.kernels, &inner.stream, c, ops, early)
+                exec::launch_rope_kv_attn(&inner.kernels, &inner.stream, c, ops, early, self.after_quant_mv(j))
             }
+        }
+    }
+
+    /// Whether step `j` follows a matvec step of quantized W.
+    fn after_quant_mv(&self, j: usize) -> bool {
+        match j.checked_sub(1).map(|i| self.steps[i]) {
+            Some(Step::Mv(s)) => matches!(
+                self.ops.get(s.at + s.norm as usize),
+                Some(Op::Matmul(m)) if samepage_abi::DType::from_u32(m.dtype).is_some_and(exec::quantized)
+            ),
+            _ => false,
         }
     }
 

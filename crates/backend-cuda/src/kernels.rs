@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx};
+use samepage_abi::DType;
 
 /// The kernel source: one translation unit, no headers (NVRTC has no toolkit here).
 pub const SOURCE: &str = concat!(
@@ -90,6 +91,11 @@ fn ptx_for(arch: &'static str, fresh: bool) -> Result<String, String> {
     r
 }
 
+/// The dtype pairs of the quantized pipelined matvec's two-dtype kernels
+/// (`MVQ_MIX_KERNEL` in cu/mvp.cu): llama.cpp's K-quant mixes give attn_v Q6_K in some
+/// layers, after attn_q and attn_k in the mix's own type.
+pub const MVQ_MIX: [(DType, DType); 2] = [(DType::Q4_K, DType::Q6_K), (DType::Q5_K, DType::Q6_K)];
+
 /// Most stages in flight per block of the pipelined matvec (`MVP_SMAX` in cu/mvp.cu).
 pub const MVP_SMAX: u32 = 8;
 
@@ -111,6 +117,9 @@ pub struct Kernels {
     pub rope_kv: CudaFunction,
     /// rope(q) + rope(k) + kv_store + attention of one token, by cache dtype `[f32, f16]`.
     pub rope_kv_attn: [CudaFunction; 2],
+    /// The same for head_dim <= 64 (fewer registers: the block fits an SM beside two
+    /// quantized matvec blocks).
+    pub rope_kv_attn_64: [CudaFunction; 2],
     /// Copies a decode step's per-token words to the device (`stage`).
     pub stage_tok: CudaFunction,
     pub attention: CudaFunction,
@@ -135,6 +144,10 @@ pub struct Kernels {
     pub mvp: Vec<Option<CudaFunction>>,
     /// `mvp_<quantized dtype>` (cu/mvp.cu, quantized W), by dtype code; as `mvp`.
     pub mvq: Vec<Option<CudaFunction>>,
+    /// `mvp_q8_0_rest`: `mvp_q8_0` issuing its later stages behind x's loads.
+    pub mvq_q8_0_rest: Option<CudaFunction>,
+    /// `mvp_<dt>_<dt2>`: one launch over matrices of two dtypes ([`MVQ_MIX`]).
+    pub mvq_mix: Vec<(DType, DType, Option<CudaFunction>)>,
     /// The dynamic shared memory granted to each `mvp` kernel (the device's opt-in
     /// maximum per block).
     pub mvp_smem: u32,
@@ -233,6 +246,7 @@ impl Kernels {
             rope_kv: f("rope_kv")?,
             stage_tok: f("stage_tok")?,
             rope_kv_attn: [f("rope_kv_attn_f32")?, f("rope_kv_attn_f16")?],
+            rope_kv_attn_64: [f("rope_kv_attn_64_f32")?, f("rope_kv_attn_64_f16")?],
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
             attention_dec: [f("attention_dec_f32")?, f("attention_dec_f16")?],
@@ -273,6 +287,24 @@ impl Kernels {
                         }
                         let func = f(&format!("mvp_{d}"))?;
                         Ok(grant_smem(&func, mvp_smem).then_some(func))
+                    })
+                    .collect::<Result<_, String>>()?
+            } else {
+                Vec::new()
+            },
+            mvq_q8_0_rest: if major >= 9 {
+                let func = f("mvp_q8_0_rest")?;
+                grant_smem(&func, mvp_smem).then_some(func)
+            } else {
+                None
+            },
+            mvq_mix: if major >= 9 {
+                MVQ_MIX
+                    .iter()
+                    .map(|&(a, b)| {
+                        let name = format!("mvp_{}_{}", DTYPE_SUFFIX[a as usize], DTYPE_SUFFIX[b as usize]);
+                        let func = f(&name)?;
+                        Ok((a, b, grant_smem(&func, mvp_smem).then_some(func)))
                     })
                     .collect::<Result<_, String>>()?
             } else {

@@ -306,7 +306,6 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 #define RKA_CH 256
 #define RKA_MIN 32
 #define RKA_G 4
-#define RKA_KJ 8
 #define RKA_VP 4
 struct RopeKvAttn { Rope q, k; KvStore s; Attention a; };
 
@@ -329,7 +328,8 @@ __device__ __forceinline__ float warp_exp_row(float* v, const float* s, u32 n, u
     return warp_sum(l);
 }
 
-template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f) {
+// KJ: float4 columns of a K row per thread (4 threads a position): head_dim <= 16 KJ.
+template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f) {
     __shared__ float cs[64], sn[64];
     __shared__ __align__(16) float qs[RKA_G][128];
     __shared__ __align__(16) float qr[RKA_G][128];
@@ -349,7 +349,7 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
     const float4 z4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     TlGuard tl_guard_(c);
     u32 p = 0, pos = 0, t0 = 0, n = 0, sa = 1;
-    float4 kp[RKA_KJ], vp[RKA_VP];
+    float4 kp[KJ], vp[RKA_VP];
     // Positions, chunk, angles and the first K / V rows (never the row at pos).
     auto prologue = [&]() {
         p = tok_word(c, 0, f.q.positions);
@@ -361,7 +361,7 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
         t0 = sp * chunk;
         n = min(len, t0 + chunk) - t0;
 #pragma unroll
-        for (u32 jj = 0; jj < RKA_KJ; jj++) {
+        for (u32 jj = 0; jj < KJ; jj++) {
             const u32 j = qq + 4 * jj, tp = t0 + pi;
             kp[jj] = j < nd4 && pi < n && tp != pos ? ld_cache4<F16>(c, a.k_cache, cbase + (u64)tp * hd + 4 * j) : z4;
         }
@@ -434,7 +434,7 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
 #pragma unroll
         for (u32 g = 0; g < RKA_G; g++) d[g] = 0.0f;
 #pragma unroll
-        for (u32 jj = 0; jj < RKA_KJ; jj++) {
+        for (u32 jj = 0; jj < KJ; jj++) {
             const u32 j = qq + 4 * jj;
             if (j < nd4) {
                 float4 k4 = kp[jj];
@@ -547,9 +547,18 @@ template <bool F16> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKv
     for (u32 i = t; i < G * hd; i += RKA_T) qx[i] = qr[i / hd][i % hd];
 }
 
+// Any head_dim up to 128, and head_dim <= 64 (`_64`: half the K registers, at most 80
+// registers so that the block fits an SM beside two quantized matvec blocks, which hold
+// their SM while this launch's blocks wait on them).
 extern "C" __global__ void __launch_bounds__(RKA_T) rope_kv_attn_f32(const Ctx c, const RopeKvAttn f) {
-    rope_kv_attn_body<false>(c, f);
+    rope_kv_attn_body<false, 8>(c, f);
 }
 extern "C" __global__ void __launch_bounds__(RKA_T) rope_kv_attn_f16(const Ctx c, const RopeKvAttn f) {
-    rope_kv_attn_body<true>(c, f);
+    rope_kv_attn_body<true, 8>(c, f);
+}
+extern "C" __global__ void __launch_bounds__(RKA_T, 3) rope_kv_attn_64_f32(const Ctx c, const RopeKvAttn f) {
+    rope_kv_attn_body<false, 4>(c, f);
+}
+extern "C" __global__ void __launch_bounds__(RKA_T, 3) rope_kv_attn_64_f16(const Ctx c, const RopeKvAttn f) {
+    rope_kv_attn_body<true, 4>(c, f);
 }

@@ -172,8 +172,11 @@ struct XNorm { u32 on, x, w, out; float eps; };
 
 // With `pre`, `wpre` holds the norm weight at this thread's elements, read already (before
 // the PDL wait: no op writes it).
+// `loaded()` runs (every thread) once the loads of x are issued, before their values are used.
+template <typename F>
 __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint4* xq, float* xd, int* xs,
-                                           const Ctx& c, const XNorm& nm, const float (&wpre)[4][8], bool pre) {
+                                           const Ctx& c, const XNorm& nm, const float (&wpre)[4][8], bool pre,
+                                           F&& loaded) {
     // Thread t: 8 activations at 8 (t + 256 i); lanes t & ~3 .. t | 3 hold one 32-block.
     float v[4][8];
 #pragma unroll
@@ -188,6 +191,7 @@ __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint
             }
         }
     }
+    loaded();
     if (nm.on) { // uniform
         float ss = 0.0f;
 #pragma unroll
@@ -256,7 +260,7 @@ __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint
 __device__ __forceinline__ void quantize_x(const float* x, bool xa, u32 kw, uint4* xq, float* xd, int* xs,
                                            const Ctx& c, const XNorm& nm) {
     const float none[4][8] = {};
-    quantize_x(x, xa, kw, xq, xd, xs, c, nm, none, false);
+    quantize_x(x, xa, kw, xq, xd, xs, c, nm, none, false, [] {});
 }
 
 // `up` (TMA path only; exec.rs `launch_matvecs_swiglu`): the block takes RB / 2 rows of

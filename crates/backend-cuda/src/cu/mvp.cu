@@ -33,7 +33,9 @@
 // holds R = 16 / P rows (or 8 / P, `SAMEPAGE_CUDA_MVQ_RW=1`): each warp takes part
 // warp % P of two rows, its lanes the part's units (`QUnit<DT>::dot`, integer dot
 // products against the quantized x), two independent chains a lane. One bulk copy per
-// run of rows, instead of one per warp and chunk (`gemv_quant`'s ring).
+// run of rows, instead of one per warp and chunk (`gemv_quant`'s ring). A launch may
+// hold two dtypes (`mvp_q4_k_q6_k`, `mvp_q5_k_q6_k`: the K-quant mixes' q/k + v), each
+// stage of one; Q8_0 (`mvp_q8_0_rest`) issues its later stages right behind x's loads.
 #define MVP_SMAX 8
 struct MvPipe {
     Matmul m[3];
@@ -44,6 +46,7 @@ struct MvPipe {
     u32 pre;  // 1: some matvec has a bias or accumulates; the block's rows' values are read first
     u32 early; // stages issued before the PDL wait (the rest right after x is read)
     u32 nw_early; // 1: no op writes the norm weight: it is read before the PDL wait
+    u32 vmix; // quantized, two dtypes (`mvp_<DT>_<DT2>`): the first virtual row of DT2 (stages never straddle it)
 };
 
 // Stage position t (0 .. R) of the stage starting at virtual row v0: its matrix and row,
@@ -95,7 +98,36 @@ __device__ __forceinline__ float mvp_dot8(const uint4& w, const float* x, float 
     return acc;
 }
 
-template <u32 DT, u32 J>
+// One stage of quantized W in shared memory (rows of rb bytes): rows warp / P and, with
+// R * P = 16 (two rows a warp), warp / P + 8 / P: part p = warp % P of each, (k / P) / BE
+// blocks from element p * (k / P); the warps' sums into pt.
+template <u32 DT>
+__device__ __forceinline__ void mvq_stage(const u8* sbuf, u32 rb, u32 k, u32 P, u32 RP, const XQ& X, float* pt) {
+    constexpr u32 BE = blk_elems(DT), BB = blk_bytes(DT), UPB = QUnit<DT>::PER_BLOCK;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31, p = warp % P;
+    const u32 kp = k / P, units = kp / BE * UPB;
+    const u8* s0 = sbuf + (warp / P) * rb + p * (kp / BE) * BB;
+    const u8* s1 = s0 + (8 / P) * rb;
+    const bool two = RP > 8;
+    float a0 = 0.0f, a1 = 0.0f;
+    if (warp < RP)
+        for (u32 u = lane; u < units; u += 32) {
+            a0 += QUnit<DT>::dot(s0, u, X, p * kp);
+            if (two) a1 += QUnit<DT>::dot(s1, u, X, p * kp);
+        }
+    a0 = warp_sum(a0);
+    if (two) a1 = warp_sum(a1);
+    if (lane == 0 && warp < RP) {
+        pt[warp] = a0;
+        if (two) pt[warp + 8] = a1;
+    }
+}
+
+// DT2 (quantized only): the dtype of the virtual rows from g.vmix on (Q4_K_M's Q6_K v
+// after Q4_K q and k); a stage is of one dtype, its buffer as long as the longer rows.
+// REST (quantized only): the stages after the early ones are issued as soon as every
+// thread's loads of x are (behind them), not once x is quantized (`mvp_q8_0_rest`).
+template <u32 DT, u32 J, u32 DT2 = DT, bool REST = false>
 __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) u8 mvp_smem[];
@@ -105,7 +137,10 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
     constexpr u32 L = 256 * J; // elements of a part (f16/bf16)
     const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const u32 P = g.P, R = g.R, NS = g.stages, RP = R * P;
-    const u32 k = g.m[0].k, rb = Q ? (u32)row_bytes(DT, k) : k * 2, SB = R * rb + (Q ? 16u : 0u);
+    const u32 k = g.m[0].k, rb = Q ? (u32)row_bytes(DT, k) : k * 2, rb2 = Q ? (u32)row_bytes(DT2, k) : rb;
+    const u32 SB = R * max(rb, rb2) + (Q ? 16u : 0u);
+    // The row bytes of the stage that starts at virtual row v0.
+    auto srb = [&](u32 v0) { return DT2 != DT && v0 >= g.vmix ? rb2 : rb; };
     const u32 N = g.rend[g.count - 1], T = (N + R - 1) / R, G = gridDim.x;
     const u32 nst = blockIdx.x < T ? (T - blockIdx.x + G - 1) / G : 0u;
     const u32 sbase = (u32)__cvta_generic_to_shared(mvp_smem);
@@ -124,15 +159,15 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
             mvp_bulk(dst + (R / 2) * rb, c.base + g.m[1].w + (u64)j0 * rb, h * rb, bar);
             return;
         }
-        const u32 v1 = min(v0 + R, N);
-        mvp_expect(bar, (v1 - v0) * rb);
+        const u32 v1 = min(v0 + R, N), rs = srb(v0);
+        mvp_expect(bar, (v1 - v0) * rs);
         u32 v = v0, at = dst;
         for (u32 mi = 0; mi < g.count && v < v1; mi++) {
             const u32 lo = mi ? g.rend[mi - 1] : 0u, hi = g.rend[mi];
             if (v >= hi) continue;
             const u32 e = min(v1, hi);
-            mvp_bulk(at, c.base + g.m[mi].w + (u64)(v - lo) * rb, (e - v) * rb, bar);
-            at += (e - v) * rb;
+            mvp_bulk(at, c.base + g.m[mi].w + (u64)(v - lo) * rs, (e - v) * rs, bar);
+            at += (e - v) * rs;
             v = e;
         }
     };
@@ -168,7 +203,13 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
         PDL_WAIT_ONLY();
         tl_guard_.waited();
         const XNorm nm = {g.norm, g.nx, g.nw, g.nout, g.eps};
-        quantize_x(at<float>(c, g.norm ? g.nx : g.m[0].x), true, k, xq, xd, xsum, c, nm, wpre, pre_w);
+        quantize_x(at<float>(c, g.norm ? g.nx : g.m[0].x), true, k, xq, xd, xsum, c, nm, wpre, pre_w, [&] {
+            if constexpr (REST) {
+                __syncthreads(); // every thread's loads of x are ahead of the stages' copies
+                if (tid == 0)
+                    for (u32 s = g.early; s < NS; s++) issue(s);
+            }
+        });
         mvp_pre(c, g, N, G, nst, prev);
     } else {
         // x (or rmsnorm(x) * weight) at this warp's columns: part p = warp % P. The block
@@ -211,7 +252,8 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
     __syncthreads();
     if (warp == 0) tl_guard_.mark(7);
     if (tid == 0) {
-        for (u32 s = g.early; s < NS; s++) issue(s);
+        if (!REST)
+            for (u32 s = g.early; s < NS; s++) issue(s);
         tl_guard_.mark(5);
     }
     if constexpr (!Q) {
@@ -250,25 +292,13 @@ __device__ __forceinline__ void mvp_body(const Ctx& c, const MvPipe& g) {
     for (u32 s = 0; s < nst; s++) {
         const u32 buf = s % NS;
         if constexpr (Q) {
-            // Rows warp / P and, with R * P = 16 (two rows a warp), warp / P + 8 / P: part
-            // p = warp % P of each, (k / P) / BE blocks from element p * (k / P).
             mvp_wait_bar(bbase + 8 * buf, (s / NS) & 1);
-            constexpr u32 BE = blk_elems(DT), BB = blk_bytes(DT), UPB = QUnit<DT>::PER_BLOCK;
-            const u32 kp = k / P, units = kp / BE * UPB;
-            const u8* s0 = mvp_smem + buf * SB + (warp / P) * rb + p * (kp / BE) * BB;
-            const u8* s1 = s0 + (8 / P) * rb;
-            const bool two = RP > 8;
-            float a0 = 0.0f, a1 = 0.0f;
-            if (warp < RP)
-                for (u32 u = lane; u < units; u += 32) {
-                    a0 += QUnit<DT>::dot(s0, u, X, p * kp);
-                    if (two) a1 += QUnit<DT>::dot(s1, u, X, p * kp);
-                }
-            a0 = warp_sum(a0);
-            if (two) a1 = warp_sum(a1);
-            if (lane == 0 && warp < RP) {
-                part[s & 1][warp] = a0;
-                if (two) part[s & 1][warp + 8] = a1;
+            const u8* sbuf = mvp_smem + buf * SB;
+            if constexpr (DT2 != DT) {
+                if ((s * G + blockIdx.x) * R >= g.vmix) mvq_stage<DT2>(sbuf, rb2, k, P, RP, X, part[s & 1]);
+                else mvq_stage<DT>(sbuf, rb, k, P, RP, X, part[s & 1]);
+            } else {
+                mvq_stage<DT>(sbuf, rb, k, P, RP, X, part[s & 1]);
             }
         } else if (warp < RP) {
             mvp_wait_bar(bbase + 8 * buf, (s / NS) & 1);
@@ -335,3 +365,11 @@ MVQ_KERNEL(q5_0, DT_Q5_0)
 MVQ_KERNEL(q4_k, DT_Q4_K)
 MVQ_KERNEL(q5_k, DT_Q5_K)
 MVQ_KERNEL(q6_k, DT_Q6_K)
+extern "C" __global__ void __launch_bounds__(256, 3) mvp_q8_0_rest(const Ctx c, const MvPipe g) {
+    mvp_body<DT_Q8_0, 1, DT_Q8_0, true>(c, g);
+}
+// Two dtypes in one launch (the llama.cpp K-quant mixes' q/k + v groups).
+#define MVQ_MIX_KERNEL(NAME, DT, DT2) \
+    extern "C" __global__ void __launch_bounds__(256, 3) mvp_##NAME(const Ctx c, const MvPipe g) { mvp_body<DT, 1, DT2>(c, g); }
+MVQ_MIX_KERNEL(q4_k_q6_k, DT_Q4_K, DT_Q6_K)
+MVQ_MIX_KERNEL(q5_k_q6_k, DT_Q5_K, DT_Q6_K)

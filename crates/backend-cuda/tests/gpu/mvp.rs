@@ -1,8 +1,8 @@
 //! Matvec steps of a decode graph: the pipelined decode matvec (`mvp` in cu/mvp.cu),
 //! which the graph uses for f16/bf16 and quantized single-token matvecs with the rmsnorm
 //! before them and a gate/up swiglu after them fused, and the quantized groups
-//! (`gemv_quant`, for what the pipelined kernel does not take: mixed dtypes, rows that
-//! are not 16-byte multiples) with the rmsnorm fused into their x (`quantize_x`): every
+//! (`gemv_quant`, for what the pipelined kernel does not take: rows that are not 16-byte
+//! multiples, small matrices, dtype mixes it has no kernel or stage split for) with the rmsnorm fused into their x (`quantize_x`): every
 //! output (the matvecs', the rmsnorm's, the swiglu's)
 //! must match the CPU running the same ops one by one, at Llama-like shapes (many
 //! pipeline stages per block, rows split into parts, pairs, bias and accumulation) and
@@ -25,7 +25,8 @@ struct Case {
     /// The last matrix's dtype, where it differs (Q4_K_M's q/k/v).
     last_dt: Option<DType>,
     /// Recorded as one pipelined launch (`mvp`) on sm_90 (else the quantized group path:
-    /// mixed dtypes, rows that are not 16-byte multiples, fewer than 64 stages).
+    /// rows that are not 16-byte multiples, fewer than 64 stages, a stage that would
+    /// hold two dtypes).
     piped: bool,
 }
 
@@ -163,10 +164,32 @@ const CASES: &[Case] = &[
         piped: true,
     },
     Case {
-        name: "rmsnorm + q/k (q4_K) + v (q6_K), k 2048 (mixed dtypes: the quantized group)",
+        name: "rmsnorm + q/k (q4_K) + v (q6_K), k 2048 (two dtypes in one launch)",
         dt: DType::Q4_K,
         k: 2048,
         ms: &[2048, 512, 512],
+        norm: true,
+        pair: false,
+        flags: 0,
+        last_dt: Some(DType::Q6_K),
+        piped: true,
+    },
+    Case {
+        name: "q/k (q5_K) + v (q6_K), k 2048, bias (two dtypes in one launch)",
+        dt: DType::Q5_K,
+        k: 2048,
+        ms: &[2048, 256, 256],
+        norm: false,
+        pair: false,
+        flags: abi::MATMUL_BIAS,
+        last_dt: Some(DType::Q6_K),
+        piped: true,
+    },
+    Case {
+        name: "rmsnorm + q/k (q4_K) + v (q6_K), 2040 + 512 + 512 rows (a stage would hold both dtypes: split in two)",
+        dt: DType::Q4_K,
+        k: 2048,
+        ms: &[2040, 512, 512],
         norm: true,
         pair: false,
         flags: 0,
