@@ -292,7 +292,28 @@ impl CudaOpGraph {
             c.tmap = st.tmaps[j];
         }
         match step {
-            Step::One(_) => exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0]),
+            Step::One(_) => {
+                if let Op::Sample(s) = ops[0] {
+                    // The sampler's params and history, when no op writes them, are read
+                    // before its PDL wait (`SAMPLE_PRE` in cu/sample.cu). With
+                    // `SAMEPAGE_CUDA_SAMPLE_PRE=0` never.
+                    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_SAMPLE_PRE").as_deref() != Ok("0"));
+                    let read = [
+                        (s.params as u64, s.params as u64 + 24),
+                        (s.history as u64, s.history as u64 + s.history_cap as u64 * 4),
+                    ];
+                    let written = self
+                        .ops
+                        .iter()
+                        .flat_map(stage::writes)
+                        .any(|w| read.iter().any(|r| w.0 < r.1 && r.0 < w.1));
+                    if on && !written {
+                        c.aux |= 1 << 20;
+                    }
+                }
+                exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0])
+            }
             Step::Mv(s) => exec::launch_mv(&inner.kernels, &inner.stream, c, ops, s),
             Step::RopeKv(_) => exec::launch_rope_kv(&inner.kernels, &inner.stream, c, ops),
             Step::RopeKvAttn(_) => {

@@ -216,8 +216,17 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
     return true;
 }
 
+// aux bit 20 (graph.rs): no op of the graph writes the params or the history, so they
+// are read and checked before the PDL wait, while the output head still runs.
+#define SAMPLE_PRE (1u << 20)
 extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sample s) {
-    PDL_ENTER();
+    TlGuard tl_guard_(c);
+    const bool pre = c.aux & SAMPLE_PRE;
+    if (!pre) {
+        PDL_WAIT_ONLY();
+        tl_guard_.waited();
+        PDL_TRIGGER();
+    }
     __shared__ SampleParams p;
     __shared__ u32 bad;
     const u32 V = s.vocab, tid = threadIdx.x;
@@ -234,6 +243,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         if (b) report(c, ERR_SAMPLE_PARAMS, b, p.history_len);
     }
     __syncthreads();
+    tl_guard_.mark(4);
     if (bad) return;
     const u32 hl = p.history_len;
     const u32* hist = at<u32>(c, s.history) + (s.history_cap - hl);
@@ -241,6 +251,11 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
     for (u32 j = tid; j < hl; j += ST)
         if (hist[j] >= V) { hb = 1; report(c, ERR_SAMPLE_HISTORY_ID, hist[j], j); }
     if (__syncthreads_or(hb)) return;
+    if (pre) {
+        PDL_WAIT_ONLY();
+        tl_guard_.waited();
+        PDL_TRIGGER();
+    }
 
     // Greedy without a penalty: the argmax straight from the logits, 8 loads in flight,
     // block b of the grid over its slice of the vocabulary; with several blocks each
@@ -263,6 +278,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
             argmax_merge(bv, bi, v != v ? -INFINITY : v, t);
         }
         u32 r = block_argmax(bv, bi);
+        tl_guard_.mark(5);
         if (nb == 1) {
             if (tid == 0) *at<u32>(c, s.out) = r == 0xffffffffu ? 0u : r;
             return;
@@ -277,6 +293,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
             ((u32*)c.scratch)[2 * blockIdx.x + 1] = r;
         }
         if (!last_block(c.counters + SAMPLE_COUNTER, nb)) return;
+        tl_guard_.mark(6);
         float mv = -INFINITY;
         u32 mi = 0xffffffffu;
         for (u32 b = tid; b < nb; b += ST) {
@@ -285,6 +302,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         }
         const u32 m = block_argmax(mv, mi);
         if (tid == 0) *at<u32>(c, s.out) = m == 0xffffffffu ? 0u : m;
+        tl_guard_.mark(7);
         return;
     }
     if (blockIdx.x != 0) return;

@@ -197,6 +197,17 @@ const CASES: &[Case] = &[
         piped: false,
     },
     Case {
+        name: "down +=, bf16, k 8192 (4 parts a row)",
+        dt: DType::BF16,
+        k: 8192,
+        ms: &[2048],
+        norm: false,
+        pair: false,
+        flags: abi::MATMUL_ACCUMULATE,
+        last_dt: None,
+        piped: true,
+    },
+    Case {
         name: "down +=, q4_K, k 8192 (2 parts a row)",
         dt: DType::Q4_K,
         k: 8192,
