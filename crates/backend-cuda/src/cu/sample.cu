@@ -1,6 +1,9 @@
-// Token sampling on the GPU, so that only the token id crosses to the guest. One block
-// of 1024 threads; thread t owns the contiguous vocabulary range [t*C, (t+1)*C), so
-// prefix sums run in token-id order, as the reference's final draw does.
+// Token sampling on the GPU, so that only the token id crosses to the guest. Greedy
+// decoding and top-k sampling at a temperature (no penalty) run over all the blocks of
+// the launch (one per 8192 logits), each block over its slice, the last to finish merging;
+// every other case runs in one block of 1024 threads (block 0, or the merging block when
+// the top-k lists overflow): thread t owns the contiguous vocabulary range [t*C, (t+1)*C),
+// so prefix sums run in token-id order, as the reference's final draw does.
 // Passes whose result does not depend on the order (maxima, histograms, elementwise
 // updates, f64 sums) stride the vocabulary instead (`t += ST`: coalesced); only the
 // rank-by-id tie passes and the draw walk the contiguous ranges.
@@ -58,19 +61,15 @@ __device__ u32 radix_select_count(u32 V, u32 k, KeyF key, u32& ties) {
         // H100: 242 vs 187 us for the whole sampler.)
         // Eight independent loads per thread before their atomics (one SM walks the whole
         // vocabulary: the loop is bound by load latency, not by the atomics).
-        u32 t = threadIdx.x;
-        for (; t + 7 * ST < V; t += 8 * ST) {
+        // The last round too: a tail of one load at a time was a chain of round trips.
+        for (u32 t = threadIdx.x; t < V; t += 8 * ST) {
             u32 kk[8];
             bool ok[8];
 #pragma unroll
-            for (int u = 0; u < 8; u++) ok[u] = key(t + u * ST, kk[u]);
+            for (int u = 0; u < 8; u++) ok[u] = t + u * ST < V && key(t + u * ST, kk[u]);
 #pragma unroll
             for (int u = 0; u < 8; u++)
                 if (ok[u] && (kk[u] & mask) == prefix) atomicAdd(&hist[(kk[u] >> shift) & 255], 1u);
-        }
-        for (; t < V; t += ST) {
-            u32 kk;
-            if (key(t, kk) && (kk & mask) == prefix) atomicAdd(&hist[(kk >> shift) & 255], 1u);
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -118,8 +117,9 @@ template <typename T> __device__ void bitonic_sort(T* a, u32 n, T pad) {
 // probability), min-p, draw. The same arithmetic as the vocabulary-wide path; returns
 // false (nothing written) where it does not apply: more than ST survivors or equal keys,
 // or every survivor at -inf (the caller's path handles those).
+// With `ids`, the candidates are ids[0..V) (vocabulary ids, any order) instead of 0..V.
 __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams& p, const float* l, u32 V,
-                               u32 kstar, u32 ties) {
+                               u32 kstar, u32 ties, const u32* ids = nullptr) {
     __shared__ u32 cid[ST], eqid[ST];
     __shared__ float cpr[ST];
     __shared__ unsigned long long pkey[ST];
@@ -137,15 +137,17 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
             if (i < ST) eqid[i] = t;
         }
     };
-    u32 t = tid;
-    for (; t + 7 * ST < V; t += 8 * ST) {
-        u32 kk[8];
+    for (u32 t = tid; t < V; t += 8 * ST) {
+        u32 kk[8], id[8];
 #pragma unroll
-        for (int u = 0; u < 8; u++) kk[u] = order_key(l[t + u * ST]);
+        for (int u = 0; u < 8; u++) {
+            id[u] = t + u * ST < V ? (ids ? ids[t + u * ST] : t + u * ST) : 0u;
+            kk[u] = t + u * ST < V ? order_key(l[id[u]]) : 0u;
+        }
 #pragma unroll
-        for (int u = 0; u < 8; u++) take(t + u * ST, kk[u]);
+        for (int u = 0; u < 8; u++)
+            if (t + u * ST < V) take(id[u], kk[u]);
     }
-    for (; t < V; t += ST) take(t, order_key(l[t]));
     __syncthreads();
     const u32 ngt = n_gt, neq = n_eq;
     if (ngt + ties > ST || neq > ST || ties > neq) return false;
@@ -265,17 +267,16 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         const float* logits = at<float>(c, s.logits);
         const u32 nb = gridDim.x, per = (V + nb - 1) / nb, v0 = min(V, blockIdx.x * per), v1 = min(V, v0 + per);
         float bv = -INFINITY;
-        u32 bi = 0xffffffffu, t = v0 + tid;
-        for (; t + 7 * ST < v1; t += 8 * ST) {
+        u32 bi = 0xffffffffu;
+        // Eight loads in flight a thread, the last round too (its tail, one load at a time,
+        // was a chain of up to 7 round trips: 6.6 us for the blocks' argmax on an H100).
+        for (u32 t = v0 + tid; t < v1; t += 8 * ST) {
             float v[8];
 #pragma unroll
-            for (int u = 0; u < 8; u++) v[u] = __ldcs(logits + t + u * ST);
+            for (int u = 0; u < 8; u++) v[u] = t + u * ST < v1 ? __ldcs(logits + t + u * ST) : 0.0f;
 #pragma unroll
-            for (int u = 0; u < 8; u++) argmax_merge(bv, bi, v[u] != v[u] ? -INFINITY : v[u], t + u * ST);
-        }
-        for (; t < v1; t += ST) {
-            float v = __ldcs(logits + t);
-            argmax_merge(bv, bi, v != v ? -INFINITY : v, t);
+            for (int u = 0; u < 8; u++)
+                if (t + u * ST < v1) argmax_merge(bv, bi, v[u] != v[u] ? -INFINITY : v[u], t + u * ST);
         }
         u32 r = block_argmax(bv, bi);
         tl_guard_.mark(5);
@@ -305,32 +306,124 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         tl_guard_.mark(7);
         return;
     }
-    if (blockIdx.x != 0) return;
     float* l = c.scratch;
     float* pb = c.scratch + V;
+    // Top-k sampling over the blocks (temperature, no penalty, top_k * blocks <= ST): block
+    // b scales its slice of the logits into l, finds the top_k of it (radix select, ties by
+    // ascending id) and lists their ids in pb; the last block to finish selects the top_k
+    // of the lists and runs the survivors' pipeline (`sample_compact`) on them: the same
+    // survivors and the same arithmetic as the one-block path, which walked the whole
+    // vocabulary in one SM (~110 us a token for Llama 3's). What that does not take falls
+    // back to the vocabulary-wide path below, in the last block, with l already filled.
+    const u32 nb = gridDim.x;
+    bool loaded = false;
+    if (nb > 1 && p.temperature > 0.0f && p.repeat_penalty == 1.0f && p.top_k > 0 && p.top_k < V &&
+        p.top_k * nb <= ST) {
+        // gid: the block's survivors, then (last block) the lists' ids; eid: equals at the
+        // cut (more than SEQ of them: the vocabulary-wide path).
+        constexpr u32 SEQ = 512;
+        __shared__ u32 gid[ST], eid[SEQ], boff[65];
+        u32* cand = gid;
+        __shared__ u32 ngt_s, neq_s;
+        const float* logits = at<float>(c, s.logits);
+        const float T = p.temperature;
+        const u32 per = (V + nb - 1) / nb, v0 = min(V, blockIdx.x * per), v1 = min(V, v0 + per), n = v1 - v0;
+        for (u32 t = v0 + tid; t < v1; t += 8 * ST) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] = t + u * ST < v1 ? __ldcs(logits + t + u * ST) : 0.0f;
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const float x = v[u] != v[u] ? -INFINITY : v[u];
+                if (t + u * ST < v1) l[t + u * ST] = x / T;
+            }
+        }
+        __syncthreads();
+        u32* list = (u32*)pb + blockIdx.x * (ST + 1); // count, then ids (0xffffffff: overflow)
+        const u32 kb = min(p.top_k, n);
+        u32 cnt = 0;
+        if (kb > 0) {
+            u32 ties;
+            const u32 kstar = radix_select_count(n, kb, [&](u32 i, u32& k) { k = order_key(l[v0 + i]); return true; }, ties);
+            if (tid == 0) { ngt_s = 0; neq_s = 0; }
+            __syncthreads();
+            for (u32 t = v0 + tid; t < v1; t += 8 * ST) {
+                u32 kk[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) kk[u] = t + u * ST < v1 ? order_key(l[t + u * ST]) : 0u;
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    if (t + u * ST >= v1) continue;
+                    if (kk[u] > kstar) {
+                        const u32 i = atomicAdd(&ngt_s, 1u);
+                        if (i < ST) gid[i] = t + u * ST;
+                    } else if (kk[u] == kstar) {
+                        const u32 i = atomicAdd(&neq_s, 1u);
+                        if (i < SEQ) eid[i] = t + u * ST;
+                    }
+                }
+            }
+            __syncthreads();
+            const u32 ngt = ngt_s, neq = neq_s;
+            if (neq > SEQ || ties > neq || ngt + ties > ST) {
+                cnt = 0xffffffffu;
+            } else {
+                bitonic_sort<u32>(eid, neq, 0xffffffffu); // the needed equals: the smallest ids
+                for (u32 i = tid; i < ties; i += ST) gid[ngt + i] = eid[i];
+                cnt = ngt + ties;
+                __syncthreads();
+            }
+        }
+        if (tid == 0) list[0] = cnt;
+        if (cnt != 0xffffffffu)
+            for (u32 i = tid; i < cnt; i += ST) list[1 + i] = gid[i];
+        if (!last_block(c.counters + SAMPLE_COUNTER, nb)) return;
+        // The last block: the lists' ids into cand (block order), then top_k of them.
+        if (tid == 0) {
+            u32 tot = 0, bad = 0;
+            for (u32 b = 0; b < nb; b++) {
+                const u32 cb = __ldcg((const u32*)pb + b * (ST + 1));
+                boff[b] = tot;
+                if (cb == 0xffffffffu || tot + cb > ST) bad = 1;
+                else tot += cb;
+            }
+            boff[nb] = bad ? 0xffffffffu : tot;
+        }
+        __syncthreads();
+        const u32 total = boff[nb];
+        if (total != 0xffffffffu) {
+            for (u32 i = tid; i < total; i += ST) {
+                u32 b = 0;
+                while (b + 1 < nb && boff[b + 1] <= i) b++;
+                cand[i] = __ldcg((const u32*)pb + b * (ST + 1) + 1 + (i - boff[b]));
+            }
+            __syncthreads();
+            u32 ties;
+            const u32 kstar = radix_select_count(total, p.top_k, [&](u32 i, u32& k) { k = order_key(l[cand[i]]); return true; }, ties);
+            if (sample_compact(c, s, p, l, total, kstar, ties, cand)) return;
+        }
+        loaded = true;
+    } else if (blockIdx.x != 0) {
+        return;
+    }
     // Coalesced, and the loads independent of the stores (the logits may live in host
     // memory, HOST-hinted: a dependent per-thread walk paid a bus round trip per element).
     // Without a penalty the temperature is applied here, in the same pass (the same
     // division as the separate pass below).
     const bool fold_t = p.repeat_penalty == 1.0f && p.temperature > 0.0f;
-    {
+    if (!loaded) {
         const float* __restrict__ logits = at<float>(c, s.logits);
         float* __restrict__ ld = l;
         const float T = p.temperature;
-        u32 t = tid;
-        for (; t + 7 * ST < V; t += 8 * ST) {
+        for (u32 t = tid; t < V; t += 8 * ST) {
             float v[8];
 #pragma unroll
-            for (int u = 0; u < 8; u++) v[u] = __ldcs(logits + t + u * ST);
+            for (int u = 0; u < 8; u++) v[u] = t + u * ST < V ? __ldcs(logits + t + u * ST) : 0.0f;
 #pragma unroll
             for (int u = 0; u < 8; u++) {
                 const float x = v[u] != v[u] ? -INFINITY : v[u];
-                ld[t + u * ST] = fold_t ? x / T : x;
+                if (t + u * ST < V) ld[t + u * ST] = fold_t ? x / T : x;
             }
-        }
-        for (; t < V; t += ST) {
-            const float v = __ldcs(logits + t), x = v != v ? -INFINITY : v;
-            ld[t] = fold_t ? x / T : x;
         }
     }
     __syncthreads();
