@@ -405,6 +405,10 @@ const MV_TMA: u32 = 1024;
 const MV_DYN: u32 = 2048;
 const QKW: u32 = 8192;
 
+/// `aux` bit of the sampler (sample.cu `SAMPLE_PRE`): no op of the graph writes its params
+/// or history, so it reads them before its PDL wait.
+pub(crate) const SAMPLE_PRE: u32 = 1 << 20;
+
 /// Whether `dt` is a block-quantized type (the i16/dp2a matvec path).
 pub(crate) fn quantized(dt: DType) -> bool {
     !matches!(dt, DType::F32 | DType::F16 | DType::BF16)
@@ -535,7 +539,7 @@ fn matvec_ranges(m: &abi::Matmul) -> (Vec<(u64, u64)>, (u64, u64)) {
     (reads, out)
 }
 
-fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+pub(crate) fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
 
@@ -1210,10 +1214,12 @@ fn mvp_plan<'k>(
         Some(m) if sw.is_none() && ms[mix..].iter().all(|x| x.dtype == m.dtype) => DType::from_u32(m.dtype)?,
         Some(_) => return None,
     };
+    // Virtual rows before the second dtype (all of them with one).
+    let before: u64 = ms[..mix].iter().map(|m| m.m as u64).sum();
     // (kernel, J, P, R, stage bytes, x and norm weight bytes in shared memory, stages,
     // blocks per SM)
     let (f, j, p, r, sb, xb, stages, bps) = match dt {
-        DType::F16 | DType::BF16 => {
+        DType::F16 | DType::BF16 if dt2 == dt => {
             let (j, p) = mvp_shape(m0.k)?;
             let di = (dt == DType::BF16) as usize;
             let f = k.mvp.get(di * 8 + j as usize - 1)?.as_ref()?;
@@ -1244,7 +1250,6 @@ fn mvp_plan<'k>(
                 return None;
             }
             // A stage is of one dtype: the rows before the second start at a stage.
-            let before: u64 = ms[..mix].iter().map(|m| m.m as u64).sum();
             if mix < ms.len() && !before.is_multiple_of(r as u64) {
                 return None;
             }
@@ -1263,19 +1268,14 @@ fn mvp_plan<'k>(
         count: ms.len() as u32,
         p,
         r,
+        vmix: u32::try_from(before).ok()?,
         ..Default::default()
     };
     let mut rows = 0u64;
     for (i, m) in ms.iter().enumerate() {
-        if i == mix {
-            g.vmix = u32::try_from(rows).ok()?;
-        }
         g.m[i] = *m;
         rows += m.m as u64;
         g.rend[i] = u32::try_from(rows).ok()?;
-    }
-    if mix == ms.len() {
-        g.vmix = u32::try_from(rows).ok()?;
     }
     if let Some(s) = sw {
         g.pair = 1;

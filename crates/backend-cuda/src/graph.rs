@@ -300,16 +300,19 @@ impl CudaOpGraph {
                     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
                     let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_SAMPLE_PRE").as_deref() != Ok("0"));
                     let read = [
-                        (s.params as u64, s.params as u64 + 24),
+                        (
+                            s.params as u64,
+                            s.params as u64 + std::mem::size_of::<samepage_abi::SampleParams>() as u64,
+                        ),
                         (s.history as u64, s.history as u64 + s.history_cap as u64 * 4),
                     ];
                     let written = self
                         .ops
                         .iter()
                         .flat_map(stage::writes)
-                        .any(|w| read.iter().any(|r| w.0 < r.1 && r.0 < w.1));
+                        .any(|w| read.iter().any(|&r| exec::overlap(w, r)));
                     if on && !written {
-                        c.aux |= 1 << 20;
+                        c.aux |= exec::SAMPLE_PRE;
                     }
                 }
                 exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0])

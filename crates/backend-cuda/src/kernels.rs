@@ -224,6 +224,12 @@ impl Kernels {
             }
             Ok(func)
         };
+        // An `mvp` kernel (cu/mvp.cu), `None` where the device refused it `mvp_smem` of
+        // dynamic shared memory.
+        let granted = |name: &str| -> Result<Option<CudaFunction>, String> {
+            let func = f(name)?;
+            Ok(grant_smem(&func, mvp_smem).then_some(func))
+        };
         let matvec: Vec<CudaFunction> = DTYPE_SUFFIX
             .iter()
             .map(|s| f(&format!("matvec_{s}")))
@@ -269,10 +275,7 @@ impl Kernels {
                 ["f16", "bf16"]
                     .iter()
                     .flat_map(|d| (1..=8u32).map(move |j| (d, j)))
-                    .map(|(d, j)| {
-                        let func = f(&format!("mvp_{d}_{j}"))?;
-                        Ok(grant_smem(&func, mvp_smem).then_some(func))
-                    })
+                    .map(|(d, j)| granted(&format!("mvp_{d}_{j}")))
                     .collect::<Result<_, String>>()?
             } else {
                 Vec::new()
@@ -285,26 +288,19 @@ impl Kernels {
                         if crate::exec::mvq_dtype(i as u32).is_none() {
                             return Ok(None);
                         }
-                        let func = f(&format!("mvp_{d}"))?;
-                        Ok(grant_smem(&func, mvp_smem).then_some(func))
+                        granted(&format!("mvp_{d}"))
                     })
                     .collect::<Result<_, String>>()?
             } else {
                 Vec::new()
             },
-            mvq_q8_0_rest: if major >= 9 {
-                let func = f("mvp_q8_0_rest")?;
-                grant_smem(&func, mvp_smem).then_some(func)
-            } else {
-                None
-            },
+            mvq_q8_0_rest: if major >= 9 { granted("mvp_q8_0_rest")? } else { None },
             mvq_mix: if major >= 9 {
                 MVQ_MIX
                     .iter()
                     .map(|&(a, b)| {
                         let name = format!("mvp_{}_{}", DTYPE_SUFFIX[a as usize], DTYPE_SUFFIX[b as usize]);
-                        let func = f(&name)?;
-                        Ok((a, b, grant_smem(&func, mvp_smem).then_some(func)))
+                        Ok((a, b, granted(&name)?))
                     })
                     .collect::<Result<_, String>>()?
             } else {
