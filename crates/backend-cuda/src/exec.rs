@@ -740,7 +740,15 @@ pub(crate) fn launch_rope_kv_attn(
     let splits = rka_splits(&a);
     if let Some(f16) = attention_dec_fits(c.base, &a).filter(|_| splits == 1 || c.counters != 0) {
         let f = RopeKvAttn { q, k: kr, s, a };
-        c.aux = splits | (early as u32) << 17;
+        // `SAMEPAGE_CUDA_ATTN_MIN=N`: at least N positions a split (8-256, a multiple of
+        // 8), in aux bits 24-31 as N / 8; by default the kernel's 64 up to 256 positions,
+        // 32 beyond. On an H100 (tg128, two rounds in one call), 64 against 32: Q4_K_M
+        // 1509/1516 vs 1469/1484 tok/s from an empty context, but 1456/1459 vs 1464/1467
+        // at depth 512; bf16 875/877 vs 869/873 and 857/857 vs 855/863. 128 lost 9-10%
+        // at depth 512.
+        static MIN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let min = *MIN.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN_MIN").map_or(0, |v| (v.clamp(8, 256) / 8) as u32));
+        c.aux = splits | (early as u32) << 17 | min << 24;
         // The narrow kernel (head_dim <= 64, 80 registers) after a quantized matvec step,
         // whose blocks it can start beside: Q8_0 tg128 at depth 512 1284/1283 tok/s vs
         // 1258/1255 with the wide one, Q4_K_M 1445/1451 vs 1426/1426; after bf16 it was

@@ -228,6 +228,17 @@ impl CudaOpGraph {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| cuda_err("beginning stream capture", e))?;
+        // Always end the capture, so the stream leaves capture mode: also when a launch
+        // panics (the runtime catches it and the backend must stay usable).
+        struct EndCapture<'a>(&'a Arc<cudarc::driver::CudaStream>, bool);
+        impl Drop for EndCapture<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    let _ = self.0.end_capture(sys::CUgraphInstantiate_flags(0));
+                }
+            }
+        }
+        let mut guard = EndCapture(stream, true);
         let _pdl = exec::PdlScope::new(self.ops.iter().all(exec::single_token));
         let mut res = self.launch_stage(base);
         for (j, &step) in self.steps.iter().enumerate() {
@@ -236,7 +247,7 @@ impl CudaOpGraph {
             }
             res = self.launch_step(base, j, step);
         }
-        // Always end the capture, so the stream leaves capture mode.
+        guard.1 = false;
         let g = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         res?;
         let g = g.map_err(|e| cuda_err("instantiating the graph", e))?;
@@ -305,11 +316,15 @@ impl CudaOpGraph {
                             s.params as u64 + std::mem::size_of::<samepage_abi::SampleParams>() as u64,
                         ),
                         (s.history as u64, s.history as u64 + s.history_cap as u64 * 4),
+                        (s.rng as u64, s.rng as u64 + 8),
                     ];
+                    // (The sampler itself writes the RNG state, after reading it.)
                     let written = self
                         .ops
                         .iter()
-                        .flat_map(stage::writes)
+                        .enumerate()
+                        .filter(|&(i, _)| i != first)
+                        .flat_map(|(_, op)| stage::writes(op))
                         .any(|w| read.iter().any(|&r| exec::overlap(w, r)));
                     if on && !written {
                         c.aux |= exec::SAMPLE_PRE;

@@ -286,8 +286,8 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 // rope(q), rope(k), kv_store, attention of one token as one launch (record-time fusion,
 // exec.rs `rope_kv_attn_fusable`), split over positions: grid = n_kv_heads * S blocks
 // (S: aux bits 0-15, S * RKA_CH >= ctx). Block (h, s) takes chunk s of positions 0..=pos
-// (chunks of at least RKA_MIN: a short context runs few blocks; blocks past the last
-// chunk exit). Every block computes the token's angles (f64, as `rope`) and rotates its
+// (chunks of at least RKA_MIN positions, RKA_MIN_LONG past RKA_SHORT: a short context
+// runs few blocks, with fewer partials to merge; blocks past the last chunk exit). Every block computes the token's angles (f64, as `rope`) and rotates its
 // group's q heads into shared memory. The block of the last chunk (the one that holds
 // pos) also rotates k in place, stores k and v into the cache (the kv_store op) and uses
 // that row from shared memory, rounded as the cache holds it.
@@ -304,7 +304,9 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 // softmax done, 6 the block's output or partial written, 7 the merge done.
 #define RKA_T 256
 #define RKA_CH 256
-#define RKA_MIN 32
+#define RKA_MIN 64       // positions a split at least, up to RKA_SHORT positions
+#define RKA_SHORT 256
+#define RKA_MIN_LONG 32  // beyond
 #define RKA_G 4
 #define RKA_VP 4
 struct RopeKvAttn { Rope q, k; KvStore s; Attention a; };
@@ -355,7 +357,9 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
         p = tok_word(c, 0, f.q.positions);
         pos = tok_word(c, 2, s.pos);
         if ((u64)pos + 1 > s.ctx) return;
-        const u32 len = pos + 1, chunk = max((len + S - 1) / S, (u32)RKA_MIN);
+        const u32 len = pos + 1;
+        const u32 amin = c.aux >> 24 ? (c.aux >> 24) * 8 : len <= RKA_SHORT ? (u32)RKA_MIN : (u32)RKA_MIN_LONG;
+        const u32 chunk = max((len + S - 1) / S, amin);
         sa = (len + chunk - 1) / chunk;
         if (sp >= sa) return;
         t0 = sp * chunk;

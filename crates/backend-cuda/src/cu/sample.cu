@@ -46,11 +46,11 @@ __device__ __forceinline__ float draw_uniform(u64 state, u64& next) {
     return (float)(z >> 40) / 16777216.0f;
 }
 
-// Radix select: the key of the `k`-th largest (1-based) among keys passing `want`;
-// returns it and sets `ties` = how many elements equal to it are needed. The histogram
-// does not depend on the order, so the threads stride the vocabulary (coalesced).
-template <typename KeyF>
-__device__ u32 radix_select_count(u32 V, u32 k, KeyF key, u32& ties) {
+// Radix select: the key of the `k`-th largest (1-based) among the keys that `each`
+// visits (each(f) calls f(key) for every key of this thread); returns it and sets
+// `ties` = how many elements equal to it are needed.
+template <typename Each>
+__device__ u32 radix_select(u32 k, Each each, u32& ties) {
     __shared__ u32 hist[256];
     __shared__ u32 sh_prefix, sh_rem;
     u32 prefix = 0, mask = 0, rem = k;
@@ -59,27 +59,37 @@ __device__ u32 radix_select_count(u32 V, u32 k, KeyF key, u32& ties) {
         __syncthreads();
         // (Warp-aggregating the increments with __match_any_sync measured slower on an
         // H100: 242 vs 187 us for the whole sampler.)
-        // Eight independent loads per thread before their atomics (one SM walks the whole
-        // vocabulary: the loop is bound by load latency, not by the atomics).
-        // The last round too: a tail of one load at a time was a chain of round trips.
-        for (u32 t = threadIdx.x; t < V; t += 8 * ST) {
-            u32 kk[8];
-            bool ok[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) ok[u] = t + u * ST < V && key(t + u * ST, kk[u]);
-#pragma unroll
-            for (int u = 0; u < 8; u++)
-                if (ok[u] && (kk[u] & mask) == prefix) atomicAdd(&hist[(kk[u] >> shift) & 255], 1u);
-        }
+        each([&](u32 kk) {
+            if ((kk & mask) == prefix) atomicAdd(&hist[(kk >> shift) & 255], 1u);
+        });
         __syncthreads();
-        if (threadIdx.x == 0) {
-            int b = 255;
-            for (; b > 0; b--) {
-                if (hist[b] >= rem) break;
-                rem -= hist[b];
+        // The bin where the count from the top reaches rem: warp 0, lane l over bins
+        // 255 - 8 l .. 248 - 8 l, a prefix sum over the lanes, then the one lane whose
+        // range holds it walks its bins (bin 0 ends the walk, as a serial scan from 255
+        // down to 0 would: was thread 0 alone, up to 256 dependent shared loads a round).
+        if (threadIdx.x < 32) {
+            const u32 lane = threadIdx.x;
+            u32 h[8], sum = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) sum += h[j] = hist[255 - 8 * lane - j];
+            u32 incl = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 v = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= (u32)o) incl += v;
             }
-            sh_prefix = prefix | ((u32)b << shift);
-            sh_rem = rem;
+            const u32 excl = incl - sum;
+            if (excl < rem && (incl >= rem || lane == 31)) {
+                u32 r = rem - excl, b = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    b = 255 - 8 * lane - j;
+                    if (b == 0 || h[j] >= r) break;
+                    r -= h[j];
+                }
+                sh_prefix = prefix | (b << shift);
+                sh_rem = r;
+            }
         }
         __syncthreads();
         prefix = sh_prefix;
@@ -89,6 +99,26 @@ __device__ u32 radix_select_count(u32 V, u32 k, KeyF key, u32& ties) {
     }
     ties = rem;
     return prefix;
+}
+
+// Radix select over the keys key(t, k) of t < V (false: skip t). The histogram does not
+// depend on the order, so the threads stride the vocabulary (coalesced), eight
+// independent loads per thread before their atomics (one SM walks the whole vocabulary:
+// the loop is bound by load latency, not by the atomics), the last round too (a tail of
+// one load at a time was a chain of round trips).
+template <typename KeyF>
+__device__ u32 radix_select_count(u32 V, u32 k, KeyF key, u32& ties) {
+    return radix_select(k, [&](auto f) {
+        for (u32 t = threadIdx.x; t < V; t += 8 * ST) {
+            u32 kk[8];
+            bool ok[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) ok[u] = t + u * ST < V && key(t + u * ST, kk[u]);
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (ok[u]) f(kk[u]);
+        }
+    }, ties);
 }
 
 // Ascending sort of a[0..n) in shared memory (n <= ST), all threads of the block.
@@ -111,6 +141,26 @@ template <typename T> __device__ void bitonic_sort(T* a, u32 n, T pad) {
         }
 }
 
+// Ascending sort of distinct values a[0..n) in shared memory (all threads of the block):
+// for n <= 128 each of the first n threads counts the values below its own and stores it
+// at that rank (two barriers; bitonic's log^2 rounds of block-wide barriers cost
+// microseconds at these sizes), else bitonic.
+template <typename T> __device__ void sort_distinct(T* a, u32 n, T pad) {
+    if (n > 128) {
+        bitonic_sort<T>(a, n, pad);
+        return;
+    }
+    T v = pad;
+    u32 r = 0;
+    if (threadIdx.x < n) {
+        v = a[threadIdx.x];
+        for (u32 j = 0; j < n; j++) r += a[j] < v;
+    }
+    __syncthreads();
+    if (threadIdx.x < n) a[r] = v;
+    __syncthreads();
+}
+
 // After top-k (k-th largest key `kstar`, `ties` of its equals needed): the rest of the
 // pipeline on the k survivors alone, in shared memory, instead of passes over the whole
 // vocabulary: compact them (one coalesced pass), sort by id, softmax, top-p (sorted by
@@ -118,7 +168,7 @@ template <typename T> __device__ void bitonic_sort(T* a, u32 n, T pad) {
 // false (nothing written) where it does not apply: more than ST survivors or equal keys,
 // or every survivor at -inf (the caller's path handles those).
 // With `ids`, the candidates are ids[0..V) (vocabulary ids, any order) instead of 0..V.
-__device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams& p, const float* l, u32 V,
+__device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams& p, u64 rng, const float* l, u32 V,
                                u32 kstar, u32 ties, const u32* ids = nullptr) {
     __shared__ u32 cid[ST], eqid[ST];
     __shared__ float cpr[ST];
@@ -152,11 +202,11 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
     const u32 ngt = n_gt, neq = n_eq;
     if (ngt + ties > ST || neq > ST || ties > neq) return false;
     // The needed equals are the smallest ids among them (as the reference's order).
-    bitonic_sort<u32>(eqid, neq, 0xffffffffu);
+    sort_distinct<u32>(eqid, neq, 0xffffffffu);
     for (u32 i = tid; i < ties; i += ST) cid[ngt + i] = eqid[i];
     const u32 n = ngt + ties;
     __syncthreads();
-    bitonic_sort<u32>(cid, n, 0xffffffffu);
+    sort_distinct<u32>(cid, n, 0xffffffffu);
     // Softmax over the survivors (scaled logits in l).
     float mx = -INFINITY;
     for (u32 i = tid; i < n; i += ST) mx = fmaxf(mx, l[cid[i]]);
@@ -175,7 +225,7 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
     if (p.top_p < 1.0f) {
         for (u32 i = tid; i < n; i += ST)
             pkey[i] = (unsigned long long)(0xffffffffu - __float_as_uint(cpr[i])) << 32 | i;
-        bitonic_sort<unsigned long long>(pkey, n, ~0ull);
+        sort_distinct<unsigned long long>(pkey, n, ~0ull);
         if (tid == 0) {
             double cum = 0.0;
             u32 k = n - 1;
@@ -204,7 +254,7 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
         u32 last = 0;
         for (u32 i = 0; i < n; i++) if (kept[i]) { total += (double)cpr[i]; last = cid[i]; }
         u64 st;
-        const double u = (double)draw_uniform(*at<u64>(c, s.rng), st) * total;
+        const double u = (double)draw_uniform(rng, st) * total;
         double cum = 0.0;
         u32 found = last;
         for (u32 i = 0; i < n; i++) {
@@ -218,8 +268,9 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
     return true;
 }
 
-// aux bit 20 (graph.rs): no op of the graph writes the params or the history, so they
-// are read and checked before the PDL wait, while the output head still runs.
+// aux bit 20 (graph.rs): no op of the graph writes the params or the history, and no
+// other op the RNG state, so they are read (and checked) before the PDL wait, while the
+// output head still runs.
 #define SAMPLE_PRE (1u << 20)
 extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sample s) {
     TlGuard tl_guard_(c);
@@ -231,10 +282,14 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
     }
     __shared__ SampleParams p;
     __shared__ u32 bad;
+    // The RNG state, read with the params (a host page: one bus round trip, before the PDL
+    // wait too where no other op writes it) instead of at the draw.
+    __shared__ u64 rng0;
     const u32 V = s.vocab, tid = threadIdx.x;
     const u32 C = (V + ST - 1) / ST, lo = min(V, tid * C), hi = min(V, lo + C);
     if (tid == 0) {
         p = *at<SampleParams>(c, s.params);
+        rng0 = *at<u64>(c, s.rng);
         u32 b = 0;
         if (!isfinite(p.temperature)) b = 1;
         else if (!(p.top_p >= 0.0f && p.top_p <= 1.0f)) b = 2;
@@ -328,14 +383,20 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         const float* logits = at<float>(c, s.logits);
         const float T = p.temperature;
         const u32 per = (V + nb - 1) / nb, v0 = min(V, blockIdx.x * per), v1 = min(V, v0 + per), n = v1 - v0;
+        // A slice of at most 8 ST logits (Llama 3's: 8016) stays in registers as keys,
+        // element v0 + tid + u ST in kr[u]: the select's four rounds and the compaction
+        // read them instead of l from L2 (l is still written: the last block reads it).
+        const bool inreg = n <= 8 * ST;
+        u32 kr[8];
         for (u32 t = v0 + tid; t < v1; t += 8 * ST) {
             float v[8];
 #pragma unroll
             for (int u = 0; u < 8; u++) v[u] = t + u * ST < v1 ? __ldcs(logits + t + u * ST) : 0.0f;
 #pragma unroll
             for (int u = 0; u < 8; u++) {
-                const float x = v[u] != v[u] ? -INFINITY : v[u];
-                if (t + u * ST < v1) l[t + u * ST] = x / T;
+                const float x = (v[u] != v[u] ? -INFINITY : v[u]) / T;
+                if (t + u * ST < v1) l[t + u * ST] = x;
+                kr[u] = order_key(x);
             }
         }
         __syncthreads();
@@ -343,32 +404,42 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         const u32 kb = min(p.top_k, n);
         u32 cnt = 0;
         if (kb > 0) {
+            // This thread's keys (registers, or l) and their element.
+            auto each_key = [&](auto f) {
+                if (inreg) {
+#pragma unroll
+                    for (int u = 0; u < 8; u++)
+                        if (v0 + tid + u * ST < v1) f(kr[u], v0 + tid + u * ST);
+                    return;
+                }
+                for (u32 t = v0 + tid; t < v1; t += 8 * ST) {
+                    u32 kk[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) kk[u] = t + u * ST < v1 ? order_key(l[t + u * ST]) : 0u;
+#pragma unroll
+                    for (int u = 0; u < 8; u++)
+                        if (t + u * ST < v1) f(kk[u], t + u * ST);
+                }
+            };
             u32 ties;
-            const u32 kstar = radix_select_count(n, kb, [&](u32 i, u32& k) { k = order_key(l[v0 + i]); return true; }, ties);
+            const u32 kstar = radix_select(kb, [&](auto f) { each_key([&](u32 k, u32) { f(k); }); }, ties);
             if (tid == 0) { ngt_s = 0; neq_s = 0; }
             __syncthreads();
-            for (u32 t = v0 + tid; t < v1; t += 8 * ST) {
-                u32 kk[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) kk[u] = t + u * ST < v1 ? order_key(l[t + u * ST]) : 0u;
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    if (t + u * ST >= v1) continue;
-                    if (kk[u] > kstar) {
-                        const u32 i = atomicAdd(&ngt_s, 1u);
-                        if (i < ST) gid[i] = t + u * ST;
-                    } else if (kk[u] == kstar) {
-                        const u32 i = atomicAdd(&neq_s, 1u);
-                        if (i < SEQ) eid[i] = t + u * ST;
-                    }
+            each_key([&](u32 k, u32 t) {
+                if (k > kstar) {
+                    const u32 i = atomicAdd(&ngt_s, 1u);
+                    if (i < ST) gid[i] = t;
+                } else if (k == kstar) {
+                    const u32 i = atomicAdd(&neq_s, 1u);
+                    if (i < SEQ) eid[i] = t;
                 }
-            }
+            });
             __syncthreads();
             const u32 ngt = ngt_s, neq = neq_s;
             if (neq > SEQ || ties > neq || ngt + ties > ST) {
                 cnt = 0xffffffffu;
             } else {
-                bitonic_sort<u32>(eid, neq, 0xffffffffu); // the needed equals: the smallest ids
+                sort_distinct<u32>(eid, neq, 0xffffffffu); // the needed equals: the smallest ids
                 for (u32 i = tid; i < ties; i += ST) gid[ngt + i] = eid[i];
                 cnt = ngt + ties;
                 __syncthreads();
@@ -377,12 +448,18 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         if (tid == 0) list[0] = cnt;
         if (cnt != 0xffffffffu)
             for (u32 i = tid; i < cnt; i += ST) list[1 + i] = gid[i];
+        tl_guard_.mark(5);
         if (!last_block(c.counters + SAMPLE_COUNTER, nb)) return;
-        // The last block: the lists' ids into cand (block order), then top_k of them.
+        tl_guard_.mark(6);
+        // The last block: the lists' ids into cand (block order), then top_k of them. The
+        // counts are read at once (was one dependent L2 round trip per block on thread 0).
+        __shared__ u32 bcnt[64];
+        for (u32 b = tid; b < nb; b += ST) bcnt[b] = __ldcg((const u32*)pb + b * (ST + 1));
+        __syncthreads();
         if (tid == 0) {
             u32 tot = 0, bad = 0;
             for (u32 b = 0; b < nb; b++) {
-                const u32 cb = __ldcg((const u32*)pb + b * (ST + 1));
+                const u32 cb = bcnt[b];
                 boff[b] = tot;
                 if (cb == 0xffffffffu || tot + cb > ST) bad = 1;
                 else tot += cb;
@@ -398,9 +475,12 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
                 cand[i] = __ldcg((const u32*)pb + b * (ST + 1) + 1 + (i - boff[b]));
             }
             __syncthreads();
+            // One candidate a thread (total <= ST), its key in a register for the select.
+            const u32 mk = tid < total ? order_key(l[cand[tid]]) : 0u;
             u32 ties;
-            const u32 kstar = radix_select_count(total, p.top_k, [&](u32 i, u32& k) { k = order_key(l[cand[i]]); return true; }, ties);
-            if (sample_compact(c, s, p, l, total, kstar, ties, cand)) return;
+            const u32 kstar = radix_select(p.top_k, [&](auto f) { if (tid < total) f(mk); }, ties);
+            tl_guard_.mark(7);
+            if (sample_compact(c, s, p, rng0, l, total, kstar, ties, cand)) return;
         }
         loaded = true;
     } else if (blockIdx.x != 0) {
@@ -455,7 +535,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
     if (p.top_k > 0 && p.top_k < V) {
         u32 ties;
         u32 kstar = radix_select_count(V, p.top_k, [&](u32 t, u32& k) { k = order_key(l[t]); return true; }, ties);
-        if (p.top_k <= ST && sample_compact(c, s, p, l, V, kstar, ties)) return;
+        if (p.top_k <= ST && sample_compact(c, s, p, rng0, l, V, kstar, ties)) return;
         u32 mine = 0;
         for (u32 t = lo; t < hi; t++) mine += order_key(l[t]) == kstar;
         u32 tot;
@@ -576,7 +656,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample(const Ctx c, const Sampl
         double acc = 0.0;
         for (int i = 0; i < ST; i++) { double t = part[i]; part[i] = acc; acc += t; }
         u64 st;
-        const float u = draw_uniform(*at<u64>(c, s.rng), st);
+        const float u = draw_uniform(rng0, st);
         rng_new = st;
         u_s = (double)u * acc;
     }
