@@ -1043,7 +1043,8 @@ pub(crate) fn mv_step(ops: &[Op], i: usize, writes: &[(u64, u64)]) -> Option<MvS
 /// The pipelined matvec's switches: `SAMEPAGE_CUDA_MVP=0` (off), `_STAGES` (2-6 stages
 /// of 8 parts per block; default 2: on an H100, bf16 tg128 2 vs 3 stages, interleaved in
 /// one call, 817/813 vs 789/796 and 807/819 vs 797/720 tok/s; see NOTES.md), `_BPS`
-/// (blocks per SM; default 1), `_PAIR=0` (stages not capped so that two blocks fit an SM).
+/// (blocks per SM; default 2: on an H100, bf16 tg128 916/917 vs 883/873 with 1, in one
+/// call, session 8), `_PAIR=0` (stages not capped so that two blocks fit an SM).
 fn mvp_knobs() -> (bool, u32, u64, bool) {
     static K: std::sync::OnceLock<(bool, u32, u64, bool)> = std::sync::OnceLock::new();
     *K.get_or_init(|| {
@@ -1052,7 +1053,7 @@ fn mvp_knobs() -> (bool, u32, u64, bool) {
             env_num("SAMEPAGE_CUDA_MVP_STAGES")
                 .unwrap_or(2)
                 .clamp(2, crate::kernels::MVP_SMAX as u64) as u32,
-            env_num("SAMEPAGE_CUDA_MVP_BPS").unwrap_or(1).clamp(1, 4),
+            env_num("SAMEPAGE_CUDA_MVP_BPS").unwrap_or(2).clamp(1, 4),
             std::env::var("SAMEPAGE_CUDA_MVP_PAIR").as_deref() != Ok("0"),
         )
     })
