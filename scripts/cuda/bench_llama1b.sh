@@ -19,7 +19,7 @@ peak() {
     u=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
     a=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits | awk -F', ' -v p=$p '$1==p{print $2}')
     [ "${u:-0}" -gt $mx ] && mx=$u; [ "${a:-0}" -gt $app ] && app=$a
-    sleep 0.3
+    sleep 0.1
   done
   wait $p; local rc=$?
   echo "peak GPU memory.used: $mx MiB (card), $app MiB (process); idle before: $IDLE MiB"
