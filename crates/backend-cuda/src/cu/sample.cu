@@ -161,6 +161,24 @@ template <typename T> __device__ void sort_distinct(T* a, u32 n, T pad) {
     __syncthreads();
 }
 
+// One thread: f(i, v[i]) for i < n in order (only where kept[i], with `kept`) until f
+// returns true, loading eight values at a time (independent loads, not one dependent
+// shared load per step: the sums stay in the same order).
+template <typename F> __device__ __forceinline__ void walk_in_order(const float* v, const unsigned char* kept, u32 n, F f) {
+    for (u32 i0 = 0; i0 < n; i0 += 8) {
+        float x[8];
+        bool k[8];
+#pragma unroll
+        for (u32 j = 0; j < 8; j++) {
+            k[j] = i0 + j < n && (!kept || kept[i0 + j]);
+            x[j] = i0 + j < n ? v[i0 + j] : 0.0f;
+        }
+#pragma unroll
+        for (u32 j = 0; j < 8; j++)
+            if (k[j] && f(i0 + j, x[j])) return;
+    }
+}
+
 // After top-k (k-th largest key `kstar`, `ties` of its equals needed): the rest of the
 // pipeline on the k survivors alone, in shared memory, instead of passes over the whole
 // vocabulary: compact them (one coalesced pass), sort by id, softmax, top-p (sorted by
@@ -234,18 +252,11 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
         if (tid == 0) {
             double cum = 0.0;
             u32 k = n - 1;
-            bool done = false;
-            for (u32 j0 = 0; j0 < n && !done; j0 += 8) {
-                float v[8];
-#pragma unroll
-                for (u32 u = 0; u < 8; u++) v[u] = j0 + u < n ? pp[j0 + u] : 0.0f;
-#pragma unroll
-                for (u32 u = 0; u < 8; u++) {
-                    if (done || j0 + u >= n) continue;
-                    cum += (double)v[u];
-                    if (cum >= (double)p.top_p) { k = j0 + u; done = true; }
-                }
-            }
+            walk_in_order(pp, (const unsigned char*)nullptr, n, [&](u32 j, float v) {
+                cum += (double)v;
+                if (cum >= (double)p.top_p) k = j;
+                return cum >= (double)p.top_p;
+            });
             cut = k;
         }
         __syncthreads();
@@ -261,43 +272,24 @@ __device__ bool sample_compact(const Ctx& c, const Sample& s, const SampleParams
         for (u32 i = tid; i < n; i += ST) if (kept[i] && cpr[i] < thr) kept[i] = 0;
         __syncthreads();
     }
-    // Draw, walking the kept in ascending id (cid is sorted): thread 0 sums them in that
-    // order, eight independent loads at a time.
+    // Draw, walking the kept in ascending id (cid is sorted), on thread 0.
     if (tid == 0) {
         double total = 0.0;
         u32 last = 0xffffffffu;
-        for (u32 i0 = 0; i0 < n; i0 += 8) {
-            float v[8];
-            bool k[8];
-#pragma unroll
-            for (u32 u = 0; u < 8; u++) {
-                k[u] = i0 + u < n && kept[i0 + u];
-                v[u] = i0 + u < n ? cpr[i0 + u] : 0.0f;
-            }
-#pragma unroll
-            for (u32 u = 0; u < 8; u++)
-                if (k[u]) { total += (double)v[u]; last = i0 + u; }
-        }
+        walk_in_order(cpr, kept, n, [&](u32 i, float v) {
+            total += (double)v;
+            last = i;
+            return false;
+        });
         u64 st;
         const double u = (double)draw_uniform(rng, st) * total;
         double cum = 0.0;
         u32 found = last != 0xffffffffu ? cid[last] : 0u;
-        bool done = false;
-        for (u32 i0 = 0; i0 < n && !done; i0 += 8) {
-            float v[8];
-            bool k[8];
-#pragma unroll
-            for (u32 j = 0; j < 8; j++) {
-                k[j] = i0 + j < n && kept[i0 + j];
-                v[j] = i0 + j < n ? cpr[i0 + j] : 0.0f;
-            }
-#pragma unroll
-            for (u32 j = 0; j < 8; j++) {
-                if (done || !k[j]) continue;
-                cum += (double)v[j];
-                if (u < cum) { found = cid[i0 + j]; done = true; }
-            }
-        }
+        walk_in_order(cpr, kept, n, [&](u32 i, float v) {
+            cum += (double)v;
+            if (u < cum) found = cid[i];
+            return u < cum;
+        });
         *at<u64>(c, s.rng) = st;
         *at<u32>(c, s.out) = found;
     }
