@@ -406,7 +406,7 @@ const MV_DYN: u32 = 2048;
 const QKW: u32 = 8192;
 
 /// `aux` bit of the sampler (sample.cu `SAMPLE_PRE`): no op of the graph writes its params
-/// or history, so it reads them before its PDL wait.
+/// or history and no other op its RNG state, so it reads them before its PDL wait.
 pub(crate) const SAMPLE_PRE: u32 = 1 << 20;
 
 /// Whether `dt` is a block-quantized type (the i16/dp2a matvec path).

@@ -304,31 +304,8 @@ impl CudaOpGraph {
         }
         match step {
             Step::One(_) => {
-                if let Op::Sample(s) = ops[0] {
-                    // The sampler's params and history, when no op writes them, are read
-                    // before its PDL wait (`SAMPLE_PRE` in cu/sample.cu). With
-                    // `SAMEPAGE_CUDA_SAMPLE_PRE=0` never.
-                    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-                    let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_SAMPLE_PRE").as_deref() != Ok("0"));
-                    let read = [
-                        (
-                            s.params as u64,
-                            s.params as u64 + std::mem::size_of::<samepage_abi::SampleParams>() as u64,
-                        ),
-                        (s.history as u64, s.history as u64 + s.history_cap as u64 * 4),
-                        (s.rng as u64, s.rng as u64 + 8),
-                    ];
-                    // (The sampler itself writes the RNG state, after reading it.)
-                    let written = self
-                        .ops
-                        .iter()
-                        .enumerate()
-                        .filter(|&(i, _)| i != first)
-                        .flat_map(|(_, op)| stage::writes(op))
-                        .any(|w| read.iter().any(|&r| exec::overlap(w, r)));
-                    if on && !written {
-                        c.aux |= exec::SAMPLE_PRE;
-                    }
+                if matches!(ops[0], Op::Sample(_)) && self.sample_reads_early(first) {
+                    c.aux |= exec::SAMPLE_PRE;
                 }
                 exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0])
             }
@@ -341,6 +318,33 @@ impl CudaOpGraph {
                 exec::launch_rope_kv_attn(&inner.kernels, &inner.stream, c, ops, early, self.after_quant_mv(j))
             }
         }
+    }
+
+    /// Whether the sample op `ops[i]` may read its params, history and RNG state before its
+    /// PDL wait (`SAMPLE_PRE` in cu/sample.cu): no other op of the graph writes them (the
+    /// sampler itself writes the RNG state, after reading it). With
+    /// `SAMEPAGE_CUDA_SAMPLE_PRE=0` never.
+    fn sample_reads_early(&self, i: usize) -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("SAMEPAGE_CUDA_SAMPLE_PRE").as_deref() != Ok("0"));
+        let Op::Sample(s) = self.ops[i] else {
+            return false;
+        };
+        let read = [
+            (
+                s.params as u64,
+                s.params as u64 + std::mem::size_of::<samepage_abi::SampleParams>() as u64,
+            ),
+            (s.history as u64, s.history as u64 + s.history_cap as u64 * 4),
+            (s.rng as u64, s.rng as u64 + 8),
+        ];
+        on && !self
+            .ops
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .flat_map(|(_, op)| stage::writes(op))
+            .any(|w| read.iter().any(|&r| exec::overlap(w, r)))
     }
 
     /// Whether step `j` follows a matvec step of quantized W.
