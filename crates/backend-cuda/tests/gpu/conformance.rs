@@ -586,17 +586,7 @@ fn sample_matches_the_cpu_draw_for_draw() {
             let d = put_sample(&mut img, &logits, p, &history, seed * 7919 + 3);
             let (ro, oo) = (d.rng, d.out);
             let (c, g) = run_both(&gpu, &img, &[op(code::SAMPLE, &d, img.size())]);
-            let (tc, tg) = (read_u32s(&c, oo, 1)[0], read_u32s(&g, oo, 1)[0]);
-            assert_eq!(
-                c[ro as usize..ro as usize + 8],
-                g[ro as usize..ro as usize + 8],
-                "case {ci}: rng state"
-            );
-            assert!((tg as usize) < vocab);
-            same += (tc == tg) as u32;
-            if tc != tg {
-                println!("case {ci} seed {seed}: cpu {tc} gpu {tg} ({p:?})");
-            }
+            same += same_draw(&c, &g, ro, oo, vocab, &format!("case {ci} seed {seed} ({p:?})")) as u32;
         }
         // exp() differs in the last ulp between the CPU and the GPU; a draw on a boundary
         // may differ, rarely.
@@ -670,20 +660,28 @@ fn top_k_sample_over_blocks_matches_the_cpu_draw_for_draw() {
             cg.launch(rc.mem()).unwrap();
             cg.wait().unwrap();
             let (a, b) = (snapshot(&rg), snapshot(&rc));
-            assert_eq!(
-                b[ro as usize..ro as usize + 8],
-                a[ro as usize..ro as usize + 8],
-                "case {ci}: rng state"
-            );
-            let (tg, tc) = (read_u32s(&a, oo, 1)[0], read_u32s(&b, oo, 1)[0]);
-            assert!((tg as usize) < vocab);
-            same += (tc == tg) as u32;
-            if tc != tg {
-                println!("case {ci} seed {seed}: cpu {tc} gpu {tg} ({p:?})");
-            }
+            same += same_draw(&b, &a, ro, oo, vocab, &format!("case {ci} seed {seed} ({p:?})")) as u32;
         }
         assert!(same >= 11, "case {ci}: only {same}/12 draws agree ({p:?})");
     }
+}
+
+/// One draw of a sample op on the CPU (`c`) and the GPU (`g`) region snapshots: the RNG
+/// states at `ro` must be equal and the GPU's token at `oo` inside the vocabulary; whether
+/// the tokens agree (a disagreement is printed: `exp` differs in the last ulp between
+/// the CPU and the GPU, so a draw on a boundary may differ, rarely).
+fn same_draw(c: &[u8], g: &[u8], ro: u32, oo: u32, vocab: usize, what: &str) -> bool {
+    let (tc, tg) = (read_u32s(c, oo, 1)[0], read_u32s(g, oo, 1)[0]);
+    assert_eq!(
+        c[ro as usize..ro as usize + 8],
+        g[ro as usize..ro as usize + 8],
+        "{what}: rng state"
+    );
+    assert!((tg as usize) < vocab, "{what}: token {tg} is past the vocabulary");
+    if tc != tg {
+        println!("{what}: cpu {tc} gpu {tg}");
+    }
+    tc == tg
 }
 
 /// A sample op's tensors put into `img` (logits, parameters, token history, the rng
