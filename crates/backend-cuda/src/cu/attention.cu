@@ -287,8 +287,9 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 // exec.rs `rope_kv_attn_fusable`), split over positions: grid = n_kv_heads * S blocks
 // (S: aux bits 0-15, S * RKA_CH >= ctx). Block (h, s) takes chunk s of positions 0..=pos
 // (chunks of at least RKA_MIN positions, RKA_MIN_LONG past RKA_SHORT: a short context
-// runs few blocks, with fewer partials to merge; blocks past the last chunk exit). Every block computes the token's angles (f64, as `rope`) and rotates its
-// group's q heads into shared memory. The block of the last chunk (the one that holds
+// runs few blocks, with fewer partials to merge; blocks past the last chunk exit). Every
+// block computes the token's angles (f64, as `rope`) and rotates its group's q heads into
+// shared memory. The block of the last chunk (the one that holds
 // pos) also rotates k in place, stores k and v into the cache (the kv_store op) and uses
 // that row from shared memory, rounded as the cache holds it.
 // Rows before pos were written by earlier steps and nothing in this step writes them, so

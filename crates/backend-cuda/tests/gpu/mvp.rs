@@ -2,11 +2,11 @@
 //! which the graph uses for f16/bf16 and quantized single-token matvecs with the rmsnorm
 //! before them and a gate/up swiglu after them fused, and the quantized groups
 //! (`gemv_quant`, for what the pipelined kernel does not take: rows that are not 16-byte
-//! multiples, small matrices, dtype mixes it has no kernel or stage split for) with the rmsnorm fused into their x (`quantize_x`): every
-//! output (the matvecs', the rmsnorm's, the swiglu's)
-//! must match the CPU running the same ops one by one, at Llama-like shapes (many
-//! pipeline stages per block, rows split into parts, pairs, bias and accumulation) and
-//! odd ones.
+//! multiples, small matrices, dtype mixes it has no kernel or stage split for) with the
+//! rmsnorm fused into their x (`quantize_x`): every output (the matvecs', the rmsnorm's,
+//! the swiglu's) must match the CPU running the same ops one by one, at Llama-like
+//! shapes (many pipeline stages per block, rows split into parts, pairs, bias and
+//! accumulation) and odd ones.
 use samepage_abi::{self as abi, hint, op as code, DType};
 use samepage_backend::Backend;
 
