@@ -628,7 +628,10 @@ pub(crate) fn rope_kv_fusable(ops: &[Op]) -> bool {
     true
 }
 
-/// `struct RopeKvAttn` of `cu/attention.cu`.
+/// `struct RopeKvAttn` of `cu/attention.cu`. `fhi[j] + flo[j]` is pair j's rotation
+/// frequency (f64, [`samepage_backend::rope::rope_freqs`]) as two f32 (48 of its 53
+/// bits): the kernel then needs only a multiply, a range reduction and an f32 sincos a
+/// pair, where pow, two divisions and an f64 sincos took ~2 us of its prologue.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RopeKvAttn {
@@ -636,9 +639,29 @@ struct RopeKvAttn {
     k: abi::Rope,
     s: abi::KvStore,
     a: abi::Attention,
+    fhi: [f32; RKA_PAIRS],
+    flo: [f32; RKA_PAIRS],
 }
 // SAFETY: #[repr(C)] of 4-byte scalars, no padding.
 unsafe impl samepage_abi::Pod for RopeKvAttn {}
+
+/// Rotated pairs a head of the fused decode attention at most (head_dim <= 128).
+const RKA_PAIRS: usize = 64;
+
+impl RopeKvAttn {
+    fn new(q: abi::Rope, k: abi::Rope, s: abi::KvStore, a: abi::Attention) -> RopeKvAttn {
+        let (mut fhi, mut flo) = ([0.0f32; RKA_PAIRS], [0.0f32; RKA_PAIRS]);
+        for (j, f) in samepage_backend::rope::rope_freqs(&q)
+            .into_iter()
+            .take(RKA_PAIRS)
+            .enumerate()
+        {
+            fhi[j] = f as f32;
+            flo[j] = (f - fhi[j] as f64) as f32;
+        }
+        RopeKvAttn { q, k, s, a, fhi, flo }
+    }
+}
 
 /// Most positions per block and GQA group size of the fused decode attention
 /// (`rope_kv_attn`), and the blocks it aims at (about one per SM;
@@ -739,7 +762,7 @@ pub(crate) fn launch_rope_kv_attn(
     };
     let splits = rka_splits(&a);
     if let Some(f16) = attention_dec_fits(c.base, &a).filter(|_| splits == 1 || c.counters != 0) {
-        let f = RopeKvAttn { q, k: kr, s, a };
+        let f = RopeKvAttn::new(q, kr, s, a);
         // `SAMEPAGE_CUDA_ATTN_MIN=N`: at least N positions a split (8-256, a multiple of
         // 8), in aux bits 24-31 as N / 8; by default the kernel's 64 up to 256 positions,
         // 32 beyond. On an H100 (tg128, two rounds in one call), 64 against 32: Q4_K_M

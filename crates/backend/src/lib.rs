@@ -20,6 +20,7 @@ use samepage_abi::status;
 
 pub mod cache;
 mod mem;
+pub mod rope;
 mod validate;
 
 pub use mem::Mem;

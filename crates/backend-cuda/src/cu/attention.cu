@@ -288,10 +288,10 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 // (S: aux bits 0-15, S * RKA_CH >= ctx). Block (h, s) takes chunk s of positions 0..=pos
 // (chunks of at least RKA_MIN positions, RKA_MIN_LONG past RKA_SHORT: a short context
 // runs few blocks, with fewer partials to merge; blocks past the last chunk exit). Every
-// block computes the token's angles (f64, as `rope`) and rotates its group's q heads into
-// shared memory. The block of the last chunk (the one that holds
-// pos) also rotates k in place, stores k and v into the cache (the kv_store op) and uses
-// that row from shared memory, rounded as the cache holds it.
+// block computes the token's angles (`rka_angles`, from the host's f64 frequencies) and
+// rotates its group's q heads into shared memory. The block of the last chunk (the one
+// that holds pos) also rotates k in place, stores k and v into the cache (the kv_store
+// op) and uses that row from shared memory, rounded as the cache holds it.
 // Rows before pos were written by earlier steps and nothing in this step writes them, so
 // when the per-token words are known to be staged already (aux bit 17, graph.rs) the
 // angles and the K and V rows of the block's first positions are loaded before the PDL
@@ -310,7 +310,42 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 #define RKA_MIN_LONG 32  // beyond
 #define RKA_G 4
 #define RKA_VP 4
-struct RopeKvAttn { Rope q, k; KvStore s; Attention a; };
+// fhi[j] + flo[j]: pair j's frequency in f64 (exec.rs `RopeKvAttn::new`).
+struct RopeKvAttn { Rope q, k; KvStore s; Attention a; float fhi[64], flo[64]; };
+
+// The cosines and sines of position p, as rope_angles (f64, rounded to f32 at the end)
+// but without its pow, divisions and library sincos (their latency was most of this
+// kernel's prologue): the angle p * freq in f64, reduced by pi / 2 (Cody-Waite, two
+// parts), then sin and cos of the remainder (|r| <= pi / 4) by their Taylor series to
+// r^15 and r^16 (truncation below 1e-16), swapped and negated by the quadrant.
+__device__ __forceinline__ void rka_angles(const RopeKvAttn& f, u32 p, float* cs, float* sn) {
+    for (u32 j = threadIdx.x; j < f.q.n_rot / 2; j += blockDim.x) {
+        const double a = (double)p * ((double)f.fhi[j] + (double)f.flo[j]);
+        const double n = rint(a * 0.63661977236758134308);
+        const double r = fma(-n, 6.123233995736766036e-17, fma(-n, 1.5707963267948965580, a)), r2 = r * r;
+        double sv = -1.0 / 1307674368000.0;
+        sv = fma(sv, r2, 1.0 / 6227020800.0);
+        sv = fma(sv, r2, -1.0 / 39916800.0);
+        sv = fma(sv, r2, 1.0 / 362880.0);
+        sv = fma(sv, r2, -1.0 / 5040.0);
+        sv = fma(sv, r2, 1.0 / 120.0);
+        sv = fma(sv, r2, -1.0 / 6.0);
+        sv = fma(sv * r2, r, r);
+        double cv = 1.0 / 20922789888000.0;
+        cv = fma(cv, r2, -1.0 / 87178291200.0);
+        cv = fma(cv, r2, 1.0 / 479001600.0);
+        cv = fma(cv, r2, -1.0 / 3628800.0);
+        cv = fma(cv, r2, 1.0 / 40320.0);
+        cv = fma(cv, r2, -1.0 / 720.0);
+        cv = fma(cv, r2, 1.0 / 24.0);
+        cv = fma(cv, r2, -0.5);
+        cv = fma(cv, r2, 1.0);
+        const u32 q = (u32)(long long)n & 3u;
+        const double sa = q & 1u ? cv : sv, ca = q & 1u ? sv : cv;
+        sn[j] = (float)(q == 1u || q == 0u ? sa : -sa);
+        cs[j] = (float)(q == 0u || q == 3u ? ca : -ca);
+    }
+}
 
 template <bool F16> __device__ __forceinline__ float cache_round(float x) {
     return F16 ? f16_to_f32(f32_to_f16(x)) : x;
@@ -375,7 +410,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
             const u32 tp = pg + i * PG;
             vp[i] = pg < PG && tp < n && t0 + tp != pos ? ld_cache4<F16>(c, a.v_cache, cbase + (u64)(t0 + tp) * hd + 4 * d4) : z4;
         }
-        rope_angles(f.q, p, cs, sn);
+        rka_angles(f, p, cs, sn);
     };
     if (early) prologue();
     // A block past the last chunk has nothing to do: with the position known it leaves
