@@ -366,6 +366,36 @@ __device__ __forceinline__ float warp_exp_row(float* v, const float* s, u32 n, u
     return warp_sum(l);
 }
 
+// Merge `sa` splits' partials of one output element: split q's max m_q, sum l_q and
+// value v_q (`ld(q, m, l, v)`) give sum_q e_q v_q / sum_q e_q l_q, e_q = exp(m_q - max),
+// online (rescaled per round) with MC splits' loads in flight a round, in split order.
+template <u32 MC, class F> __device__ __forceinline__ float merge_splits(u32 sa, F ld) {
+    float mm = -INFINITY, l = 0.0f, o = 0.0f;
+    for (u32 q0 = 0; q0 < sa; q0 += MC) {
+        float mv[MC], lv[MC], vv[MC];
+#pragma unroll
+        for (u32 j = 0; j < MC; j++) {
+            mv[j] = -INFINITY;
+            lv[j] = vv[j] = 0.0f;
+            if (q0 + j < sa) ld(q0 + j, mv[j], lv[j], vv[j]);
+        }
+        float mx = mm;
+#pragma unroll
+        for (u32 j = 0; j < MC; j++) mx = fmaxf(mx, mv[j]);
+        const float r = mm > -INFINITY ? expf(mm - mx) : 0.0f;
+        l *= r;
+        o *= r;
+#pragma unroll
+        for (u32 j = 0; j < MC; j++) {
+            const float w = mv[j] > -INFINITY ? expf(mv[j] - mx) : 0.0f;
+            l = fmaf(w, lv[j], l);
+            o = fmaf(w, vv[j], o);
+        }
+        mm = mx;
+    }
+    return o / l;
+}
+
 // KJ: float4 columns of a K row per thread (4 threads a position): head_dim <= 16 KJ.
 template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f) {
     __shared__ float cs[64], sn[64];
@@ -375,10 +405,11 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     __shared__ float sc[RKA_G][RKA_CH];
     __shared__ __align__(16) float4 red[RKA_T][RKA_G];
     __shared__ float sm[RKA_G], sl[RKA_G];
+    __shared__ __align__(16) float po[RKA_G][128]; // the block's partial (cluster merge)
     const Attention& a = f.a;
     const KvStore& s = f.s;
     const u32 S = c.aux & 0xffff;
-    const bool early = (c.aux >> 17) & 1;
+    const bool early = (c.aux >> 17) & 1, cl = (c.aux >> 18) & 1;
     const u32 t = threadIdx.x, h = blockIdx.x / S, sp = blockIdx.x % S;
     const u32 hd = a.head_dim, G = a.n_heads / a.n_kv_heads, half = f.q.n_rot / 2, rest = hd - 2 * half;
     const u32 nd4 = hd / 4, PG = RKA_T / nd4, pg = t / nd4, d4 = t % nd4;
@@ -415,7 +446,16 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     if (early) prologue();
     // A block past the last chunk has nothing to do: with the position known it leaves
     // now instead of holding its SM slot through the wait (short contexts use few chunks).
-    if (early && (u64)pos + 1 <= s.ctx && sp >= sa) return;
+    // In a cluster (aux bit 18: the S splits of a KV head, merged through shared memory)
+    // such a block still takes part in the merge's two cluster barriers.
+    if (early && (u64)pos + 1 <= s.ctx && sp >= sa) {
+        if (cl && sa > 1) {
+            PDL_TRIGGER();
+            cluster_sync();
+            cluster_sync();
+        }
+        return;
+    }
     PDL_WAIT_ONLY();
     tl_guard_.waited();
     PDL_TRIGGER();
@@ -424,7 +464,13 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
         if (t == 0 && blockIdx.x == 0) report(c, ERR_KV_POS, pos, 1);
         return;
     }
-    if (sp >= sa) return;
+    if (sp >= sa) {
+        if (cl && sa > 1) {
+            cluster_sync();
+            cluster_sync();
+        }
+        return;
+    }
     const bool writer = sp == sa - 1;
     __syncthreads(); // cs / sn
     float* qx = at<float>(c, f.q.x) + (u64)h * G * hd;
@@ -539,6 +585,8 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
             const float inv = 1.0f / sl[g];
             float* ob = out + (u64)g * hd + 4 * e4;
             ob[0] = o.x * inv; ob[1] = o.y * inv; ob[2] = o.z * inv; ob[3] = o.w * inv;
+        } else if (cl) {
+            *(float4*)&po[g][4 * e4] = o;
         } else {
             float* part = c.scratch + ((u64)(h * G + g) * S + sp) * (hd + 2);
             part[2 + 4 * e4] = o.x; part[3 + 4 * e4] = o.y; part[4 + 4 * e4] = o.z; part[5 + 4 * e4] = o.w;
@@ -546,40 +594,43 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
         }
     }
     tl_guard_.mark(6);
+    if (sa > 1 && cl) {
+        // Every split's (max, sum, value) is in its block's shared memory (po, sm, sl) and
+        // every block has read q: block 0 merges them, reading the others' through the
+        // cluster, and writes the rotated q; the second barrier keeps every block's
+        // shared memory until it is done.
+        cluster_sync();
+        if (sp == 0) {
+            for (u32 i = t; i < G * hd; i += RKA_T) {
+                const u32 g = i / hd, dd = i % hd;
+                out[(u64)g * hd + dd] = merge_splits<KJ >= 8 ? 16 : 8>(sa, [&](u32 q, float& m, float& l, float& v) {
+                    m = ld_dsmem(&sm[g], q);
+                    l = ld_dsmem(&sl[g], q);
+                    v = ld_dsmem(&po[g][dd], q);
+                });
+            }
+            tl_guard_.mark(7);
+            for (u32 i = t; i < G * hd; i += RKA_T) qx[i] = qr[i / hd][i % hd];
+        }
+        cluster_sync();
+        return;
+    }
     if (sa > 1) {
         if (!last_block(c.counters + h, sa)) return;
-        // The merge: every split's (max, sum) of the group's heads into shared memory in
-        // one round of independent loads (sc is free again, sa <= 64), the weights
-        // exp(m_q - M) and the total sum per head, then each output element sums its
-        // splits' values with eight loads in flight (was two chains of sa dependent
-        // L2 round trips: ~4 us at sa = 16).
-        for (u32 i = t; i < G * sa; i += RKA_T) {
-            const u32 g = i / sa, q = i % sa;
-            const float* pq = c.scratch + ((u64)(h * G + g) * S + q) * (hd + 2);
-            sc[g][q] = __ldcg(pq);
-            sc[g][RKA_CH / 2 + q] = __ldcg(pq + 1);
-        }
-        __syncthreads();
-        if (warp < G) {
-            float m;
-            const float l = warp_exp_row(sc[warp], sc[warp] + RKA_CH / 2, sa, lane, m);
-            if (lane == 0) sl[warp] = l;
-        }
-        __syncthreads();
+        // The merge, one round of independent loads a thread (was two, with a barrier
+        // and a warp's softmax between): output element (g, dd) reads every split's
+        // (max, sum) of head g and its value, MC splits at a time (8 in the 80-register
+        // kernel).
+        constexpr u32 MC = KJ >= 8 ? 16 : 8;
         for (u32 i = t; i < G * hd; i += RKA_T) {
             const u32 g = i / hd, dd = i % hd, st = hd + 2;
-            const float* p0 = c.scratch + (u64)(h * G + g) * S * st + 2 + dd;
-            float o = 0.0f;
-            u32 q = 0;
-            for (; q + 8 <= sa; q += 8) {
-                float v[8];
-#pragma unroll
-                for (u32 j = 0; j < 8; j++) v[j] = __ldcg(p0 + (q + j) * st);
-#pragma unroll
-                for (u32 j = 0; j < 8; j++) o = fmaf(v[j], sc[g][q + j], o);
-            }
-            for (; q < sa; q++) o = fmaf(__ldcg(p0 + q * st), sc[g][q], o);
-            out[(u64)g * hd + dd] = o / sl[g];
+            const float* p0 = c.scratch + (u64)(h * G + g) * S * st;
+            out[(u64)g * hd + dd] = merge_splits<MC>(sa, [&](u32 q, float& m, float& l, float& v) {
+                const float* pq = p0 + (u64)q * st;
+                m = __ldcg(pq);
+                l = __ldcg(pq + 1);
+                v = __ldcg(pq + 2 + dd);
+            });
         }
         tl_guard_.mark(7);
     }
