@@ -683,20 +683,6 @@ fn rka_splits(a: &abi::Attention) -> u32 {
         .min(attention_splits(a))
 }
 
-/// Splits (and cluster size) of the fused decode attention when they merge through
-/// shared memory: the splits of a KV head are one thread block cluster (sm_90), whose
-/// block 0 reads the others' partials after a cluster barrier, instead of partials in
-/// scratch, a counter and the last block's reads (three dependent L2 round trips, ~3.5 us
-/// a layer at depth 512 on an H100). 16 splits by default (a non-portable cluster size,
-/// where the device grants it), where they hold the context in chunks of at most RKA_CH
-/// positions; `SAMEPAGE_CUDA_ATTN_CLUSTER=N` (2-16; 0 turns it off).
-fn rka_cluster(k: &Kernels, a: &abi::Attention) -> Option<u32> {
-    static N: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let n = *N.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN_CLUSTER").map_or(16, |v| v.min(16) as u32));
-    let n = n.min(k.max_cluster);
-    (n >= 2 && a.ctx <= n * RKA_CH).then_some(n)
-}
-
 /// Whether `ops` are rope(q), rope(k), kv_store, attention of one token that one
 /// `rope_kv_attn` launch (blocks per KV head and split of the positions) runs with the
 /// same results: the first three as for [`rope_kv_fusable`], both ropes with the same
@@ -774,9 +760,8 @@ pub(crate) fn launch_rope_kv_attn(
     let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s), Op::Attention(a)] = *ops else {
         return Err(OpError::runtime("cuda: not a rope/rope/kv_store/attention group"));
     };
-    let cluster = rka_cluster(k, &a);
-    let splits = cluster.unwrap_or_else(|| rka_splits(&a));
-    if let Some(f16) = attention_dec_fits(c.base, &a).filter(|_| splits == 1 || cluster.is_some() || c.counters != 0) {
+    let splits = rka_splits(&a);
+    if let Some(f16) = attention_dec_fits(c.base, &a).filter(|_| splits == 1 || c.counters != 0) {
         let f = RopeKvAttn::new(q, kr, s, a);
         // `SAMEPAGE_CUDA_ATTN_MIN=N`: at least N positions a split (8-256, a multiple of
         // 8), in aux bits 24-31 as N / 8; by default the kernel's 64 up to 256 positions,
@@ -786,7 +771,7 @@ pub(crate) fn launch_rope_kv_attn(
         // at depth 512.
         static MIN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
         let min = *MIN.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN_MIN").map_or(0, |v| (v.clamp(8, 256) / 8) as u32));
-        c.aux = splits | (early as u32) << 17 | (cluster.is_some() as u32) << 18 | min << 24;
+        c.aux = splits | (early as u32) << 17 | min << 24;
         // The narrow kernel (head_dim <= 64, 80 registers) after a quantized matvec step,
         // whose blocks it can start beside: Q8_0 tg128 at depth 512 1284/1283 tok/s vs
         // 1258/1255 with the wide one, Q4_K_M 1445/1451 vs 1426/1426; after bf16 it was
@@ -795,11 +780,14 @@ pub(crate) fn launch_rope_kv_attn(
         let knob = *NARROW.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN64"));
         let narrow = a.head_dim <= 64 && knob.map_or(after_quant, |v| v != 0);
         let fs = if narrow { &k.rope_kv_attn_64 } else { &k.rope_kv_attn };
-        let lc = cfg(a.n_kv_heads as u64 * splits as u64, 256)?;
-        return match cluster {
-            Some(n) => go_cluster(stream, &fs[f16 as usize], c, f, lc, n, "rope_kv_attn"),
-            None => go(stream, &fs[f16 as usize], c, f, lc, "rope_kv_attn"),
-        };
+        return go(
+            stream,
+            &fs[f16 as usize],
+            c,
+            f,
+            cfg(a.n_kv_heads as u64 * splits as u64, 256)?,
+            "rope_kv_attn",
+        );
     }
     launch_rope_kv(k, stream, c, &ops[..3])?;
     let ca = KCtx {
@@ -1104,13 +1092,6 @@ fn mvp_early() -> u32 {
     *E.get_or_init(|| env_num("SAMEPAGE_CUDA_MVP_EARLY").map_or(1, |v| v.min(64) as u32))
 }
 
-/// `SAMEPAGE_CUDA_MVP_EARLY_FIT=1`: a dense step whose weights all fit its blocks'
-/// stages (bf16 Llama-1B's q/k/v and wo) issues every stage before its PDL wait.
-fn mvp_early_fit() -> bool {
-    static E: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *E.get_or_init(|| env_num("SAMEPAGE_CUDA_MVP_EARLY_FIT") == Some(1))
-}
-
 /// Whether `SAMEPAGE_CUDA_MVP` leaves the pipelined matvec on.
 pub(crate) fn mvp_enabled() -> bool {
     mvp_knobs().0
@@ -1372,8 +1353,6 @@ fn mvp_plan<'k>(
         } else {
             early
         }
-    } else if per_block <= g.stages && mvp_early_fit() {
-        g.stages
     } else {
         mvp_early()
     }
@@ -1464,7 +1443,7 @@ pub(crate) fn go<T: samepage_abi::Pod>(
 ) -> Result<(), OpError> {
     let d = D(d);
     if crate::kernels::pdl() && PDL_NOW.with(|p| p.get()) {
-        return launch_ex(stream, f, c, d, lc, name, true, 1);
+        return launch_pdl(stream, f, c, d, lc, name);
     }
     let mut b = stream.launch_builder(f);
     b.arg(&c).arg(&d);
@@ -1574,53 +1553,21 @@ pub(crate) fn single_token(op: &Op) -> bool {
 /// while the previous one on the stream finishes; every kernel begins with
 /// `griddepcontrol.wait` (PDL_ENTER in common.cuh), so it reads nothing before the
 /// previous grid has completed. In a captured graph this becomes a programmatic edge.
-/// [`go`] for a kernel launched in clusters of `cluster` blocks along x (sm_90; the grid
-/// a multiple of it), with programmatic dependent launch as `go` would use it.
-pub(crate) fn go_cluster<T: samepage_abi::Pod>(
-    stream: &CudaStream,
-    f: &CudaFunction,
-    c: KCtx,
-    d: T,
-    lc: LaunchConfig,
-    cluster: u32,
-    name: &str,
-) -> Result<(), OpError> {
-    let pdl = crate::kernels::pdl() && PDL_NOW.with(|p| p.get());
-    launch_ex(stream, f, c, D(d), lc, name, pdl, cluster)
-}
-
-/// `cuLaunchKernelEx` with programmatic stream serialization (`pdl`) and clusters of
-/// `cluster` blocks along x (1: none).
-#[allow(clippy::too_many_arguments)]
-fn launch_ex<T>(
+fn launch_pdl<T>(
     stream: &CudaStream,
     f: &CudaFunction,
     mut c: KCtx,
     mut d: D<T>,
     lc: LaunchConfig,
     name: &str,
-    pdl: bool,
-    cluster: u32,
 ) -> Result<(), OpError> {
     stream
         .context()
         .bind_to_thread()
         .map_err(|e| cuda_err("binding the context", e))?;
-    // SAFETY: plain C structs; zero is a valid value of each, every field used is set.
-    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-    let mut n = 0;
-    if pdl {
-        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attrs[n].value.programmaticStreamSerializationAllowed = 1;
-        n += 1;
-    }
-    if cluster > 1 {
-        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attrs[n].value.clusterDim.x = cluster;
-        attrs[n].value.clusterDim.y = 1;
-        attrs[n].value.clusterDim.z = 1;
-        n += 1;
-    }
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
     let cfg = sys::CUlaunchConfig {
         gridDimX: lc.grid_dim.0,
         gridDimY: lc.grid_dim.1,
@@ -1630,8 +1577,8 @@ fn launch_ex<T>(
         blockDimZ: lc.block_dim.2,
         sharedMemBytes: lc.shared_mem_bytes,
         hStream: stream.cu_stream(),
-        attrs: attrs.as_mut_ptr(),
-        numAttrs: n as u32,
+        attrs: &mut attr,
+        numAttrs: 1,
     };
     let mut params: [*mut std::ffi::c_void; 2] = [
         &mut c as *mut KCtx as *mut std::ffi::c_void,

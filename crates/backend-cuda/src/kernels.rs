@@ -159,10 +159,6 @@ pub struct Kernels {
     pub qmv_tma: Vec<bool>,
     /// Multiprocessors of the device.
     pub sms: u32,
-    /// The largest thread block cluster the fused decode attention may be launched in:
-    /// 16 where the device allows that non-portable size, 8 on other sm_90+ devices, 0
-    /// below sm_90.
-    pub max_cluster: u32,
     /// Prefill GEMM helpers (cu/gemm.cu): x to f16 / bf16 scratch.
     pub gemm_x_f16: CudaFunction,
     pub gemm_x_bf16: CudaFunction,
@@ -248,12 +244,6 @@ impl Kernels {
                 major >= 9 && ring.is_some_and(|b| grant_smem(&matvec[i], b) && grant_smem(&matvecs[i], b))
             })
             .collect();
-        let rka = [
-            f("rope_kv_attn_f32")?,
-            f("rope_kv_attn_f16")?,
-            f("rope_kv_attn_64_f32")?,
-            f("rope_kv_attn_64_f16")?,
-        ];
         Ok(Kernels {
             embed: f("embed")?,
             rmsnorm: f("rmsnorm")?,
@@ -261,8 +251,8 @@ impl Kernels {
             kv_store: f("kv_store")?,
             rope_kv: f("rope_kv")?,
             stage_tok: f("stage_tok")?,
-            rope_kv_attn: [rka[0].clone(), rka[1].clone()],
-            rope_kv_attn_64: [rka[2].clone(), rka[3].clone()],
+            rope_kv_attn: [f("rope_kv_attn_f32")?, f("rope_kv_attn_f16")?],
+            rope_kv_attn_64: [f("rope_kv_attn_64_f32")?, f("rope_kv_attn_64_f16")?],
             attention: f("attention")?,
             attention_combine: f("attention_combine")?,
             attention_dec: [f("attention_dec_f32")?, f("attention_dec_f16")?],
@@ -319,19 +309,6 @@ impl Kernels {
             sms: ctx
                 .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| format!("multiprocessor count: {e:?}"))? as u32,
-            max_cluster: if major < 9 {
-                0
-            } else if rka.iter().all(|f| {
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                    1,
-                )
-                .is_ok()
-            }) {
-                16
-            } else {
-                8
-            },
             gemm_x_f16: f("gemm_x_f16")?,
             gemm_x_bf16: f("gemm_x_bf16")?,
             gemm_w: DTYPE_SUFFIX[1..]

@@ -352,8 +352,8 @@ template <bool F16> __device__ __forceinline__ float cache_round(float x) {
 }
 
 // One warp over v[0 .. n) (shared memory): m = the max, v[i] = exp(v[i] - m) (0 where
-// v[i] is -inf); returns the sum of v[i] * s[i] (s[i] = 1 without s) to every lane.
-__device__ __forceinline__ float warp_exp_row(float* v, const float* s, u32 n, u32 lane, float& m) {
+// v[i] is -inf); returns their sum to every lane.
+__device__ __forceinline__ float warp_exp_row(float* v, u32 n, u32 lane, float& m) {
     m = -INFINITY;
     for (u32 i = lane; i < n; i += 32) m = fmaxf(m, v[i]);
     m = warp_max(m);
@@ -361,7 +361,7 @@ __device__ __forceinline__ float warp_exp_row(float* v, const float* s, u32 n, u
     for (u32 i = lane; i < n; i += 32) {
         const float e = v[i] > -INFINITY ? expf(v[i] - m) : 0.0f;
         v[i] = e;
-        l += s ? s[i] * e : e;
+        l += e;
     }
     return warp_sum(l);
 }
@@ -405,11 +405,10 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     __shared__ float sc[RKA_G][RKA_CH];
     __shared__ __align__(16) float4 red[RKA_T][RKA_G];
     __shared__ float sm[RKA_G], sl[RKA_G];
-    __shared__ __align__(16) float po[RKA_G][128]; // the block's partial (cluster merge)
     const Attention& a = f.a;
     const KvStore& s = f.s;
     const u32 S = c.aux & 0xffff;
-    const bool early = (c.aux >> 17) & 1, cl = (c.aux >> 18) & 1;
+    const bool early = (c.aux >> 17) & 1;
     const u32 t = threadIdx.x, h = blockIdx.x / S, sp = blockIdx.x % S;
     const u32 hd = a.head_dim, G = a.n_heads / a.n_kv_heads, half = f.q.n_rot / 2, rest = hd - 2 * half;
     const u32 nd4 = hd / 4, PG = RKA_T / nd4, pg = t / nd4, d4 = t % nd4;
@@ -446,16 +445,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     if (early) prologue();
     // A block past the last chunk has nothing to do: with the position known it leaves
     // now instead of holding its SM slot through the wait (short contexts use few chunks).
-    // In a cluster (aux bit 18: the S splits of a KV head, merged through shared memory)
-    // such a block still takes part in the merge's two cluster barriers.
-    if (early && (u64)pos + 1 <= s.ctx && sp >= sa) {
-        if (cl && sa > 1) {
-            PDL_TRIGGER();
-            cluster_sync();
-            cluster_sync();
-        }
-        return;
-    }
+    if (early && (u64)pos + 1 <= s.ctx && sp >= sa) return;
     PDL_WAIT_ONLY();
     tl_guard_.waited();
     PDL_TRIGGER();
@@ -464,13 +454,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
         if (t == 0 && blockIdx.x == 0) report(c, ERR_KV_POS, pos, 1);
         return;
     }
-    if (sp >= sa) {
-        if (cl && sa > 1) {
-            cluster_sync();
-            cluster_sync();
-        }
-        return;
-    }
+    if (sp >= sa) return;
     const bool writer = sp == sa - 1;
     __syncthreads(); // cs / sn
     float* qx = at<float>(c, f.q.x) + (u64)h * G * hd;
@@ -546,7 +530,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     const u32 warp = t >> 5, lane = t & 31;
     if (warp < G) {
         float m;
-        const float l = warp_exp_row(sc[warp], nullptr, n, lane, m);
+        const float l = warp_exp_row(sc[warp], n, lane, m);
         if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     }
     __syncthreads();
@@ -585,8 +569,6 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
             const float inv = 1.0f / sl[g];
             float* ob = out + (u64)g * hd + 4 * e4;
             ob[0] = o.x * inv; ob[1] = o.y * inv; ob[2] = o.z * inv; ob[3] = o.w * inv;
-        } else if (cl) {
-            *(float4*)&po[g][4 * e4] = o;
         } else {
             float* part = c.scratch + ((u64)(h * G + g) * S + sp) * (hd + 2);
             part[2 + 4 * e4] = o.x; part[3 + 4 * e4] = o.y; part[4 + 4 * e4] = o.z; part[5 + 4 * e4] = o.w;
@@ -594,27 +576,6 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
         }
     }
     tl_guard_.mark(6);
-    if (sa > 1 && cl) {
-        // Every split's (max, sum, value) is in its block's shared memory (po, sm, sl) and
-        // every block has read q: block 0 merges them, reading the others' through the
-        // cluster, and writes the rotated q; the second barrier keeps every block's
-        // shared memory until it is done.
-        cluster_sync();
-        if (sp == 0) {
-            for (u32 i = t; i < G * hd; i += RKA_T) {
-                const u32 g = i / hd, dd = i % hd;
-                out[(u64)g * hd + dd] = merge_splits<KJ >= 8 ? 16 : 8>(sa, [&](u32 q, float& m, float& l, float& v) {
-                    m = ld_dsmem(&sm[g], q);
-                    l = ld_dsmem(&sl[g], q);
-                    v = ld_dsmem(&po[g][dd], q);
-                });
-            }
-            tl_guard_.mark(7);
-            for (u32 i = t; i < G * hd; i += RKA_T) qx[i] = qr[i / hd][i % hd];
-        }
-        cluster_sync();
-        return;
-    }
     if (sa > 1) {
         if (!last_block(c.counters + h, sa)) return;
         // The merge, one round of independent loads a thread (was two, with a barrier

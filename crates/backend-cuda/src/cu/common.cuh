@@ -268,24 +268,3 @@ __device__ __forceinline__ void mvp_wait_bar(u32 bar, u32 parity) {
                      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
 }
 #endif
-
-// Thread block clusters (sm_90): a barrier over the cluster's blocks (every thread of each
-// block calls it; writes before it are seen by the other blocks after it), and a float
-// of block `rank`'s shared memory at the address of `p` in this block's. Below sm_90 the
-// host never launches a cluster (exec.rs `rka_cluster`): they trap.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-__device__ __forceinline__ float ld_dsmem(const float* p, u32 rank) {
-    const u32 a = (u32)__cvta_generic_to_shared(p);
-    u32 r;
-    float v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
-    return v;
-}
-#else
-__device__ __forceinline__ void cluster_sync() { __trap(); }
-__device__ __forceinline__ float ld_dsmem(const float*, u32) { __trap(); return 0.0f; }
-#endif
