@@ -352,8 +352,8 @@ template <bool F16> __device__ __forceinline__ float cache_round(float x) {
 }
 
 // One warp over v[0 .. n) (shared memory): m = the max, v[i] = exp(v[i] - m) (0 where
-// v[i] is -inf); returns their sum to every lane.
-__device__ __forceinline__ float warp_exp_row(float* v, u32 n, u32 lane, float& m) {
+// v[i] is -inf); returns the sum of v[i] * s[i] (s[i] = 1 without s) to every lane.
+__device__ __forceinline__ float warp_exp_row(float* v, const float* s, u32 n, u32 lane, float& m) {
     m = -INFINITY;
     for (u32 i = lane; i < n; i += 32) m = fmaxf(m, v[i]);
     m = warp_max(m);
@@ -361,39 +361,9 @@ __device__ __forceinline__ float warp_exp_row(float* v, u32 n, u32 lane, float& 
     for (u32 i = lane; i < n; i += 32) {
         const float e = v[i] > -INFINITY ? expf(v[i] - m) : 0.0f;
         v[i] = e;
-        l += e;
+        l += s ? s[i] * e : e;
     }
     return warp_sum(l);
-}
-
-// Merge `sa` splits' partials of one output element: split q's max m_q, sum l_q and
-// value v_q (`ld(q, m, l, v)`) give sum_q e_q v_q / sum_q e_q l_q, e_q = exp(m_q - max),
-// online (rescaled per round) with MC splits' loads in flight a round, in split order.
-template <u32 MC, class F> __device__ __forceinline__ float merge_splits(u32 sa, F ld) {
-    float mm = -INFINITY, l = 0.0f, o = 0.0f;
-    for (u32 q0 = 0; q0 < sa; q0 += MC) {
-        float mv[MC], lv[MC], vv[MC];
-#pragma unroll
-        for (u32 j = 0; j < MC; j++) {
-            mv[j] = -INFINITY;
-            lv[j] = vv[j] = 0.0f;
-            if (q0 + j < sa) ld(q0 + j, mv[j], lv[j], vv[j]);
-        }
-        float mx = mm;
-#pragma unroll
-        for (u32 j = 0; j < MC; j++) mx = fmaxf(mx, mv[j]);
-        const float r = mm > -INFINITY ? expf(mm - mx) : 0.0f;
-        l *= r;
-        o *= r;
-#pragma unroll
-        for (u32 j = 0; j < MC; j++) {
-            const float w = mv[j] > -INFINITY ? expf(mv[j] - mx) : 0.0f;
-            l = fmaf(w, lv[j], l);
-            o = fmaf(w, vv[j], o);
-        }
-        mm = mx;
-    }
-    return o / l;
 }
 
 // KJ: float4 columns of a K row per thread (4 threads a position): head_dim <= 16 KJ.
@@ -530,7 +500,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     const u32 warp = t >> 5, lane = t & 31;
     if (warp < G) {
         float m;
-        const float l = warp_exp_row(sc[warp], n, lane, m);
+        const float l = warp_exp_row(sc[warp], nullptr, n, lane, m);
         if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     }
     __syncthreads();
@@ -578,20 +548,38 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     tl_guard_.mark(6);
     if (sa > 1) {
         if (!last_block(c.counters + h, sa)) return;
-        // The merge, one round of independent loads a thread (was two, with a barrier
-        // and a warp's softmax between): output element (g, dd) reads every split's
-        // (max, sum) of head g and its value, MC splits at a time (8 in the 80-register
-        // kernel).
-        constexpr u32 MC = KJ >= 8 ? 16 : 8;
+        // The merge: every split's (max, sum) of the group's heads into shared memory in
+        // one round of independent loads (sc is free again, sa <= 64), the weights
+        // exp(m_q - M) and the total sum per head, then each output element sums its
+        // splits' values with eight loads in flight (was two chains of sa dependent
+        // L2 round trips: ~4 us at sa = 16).
+        for (u32 i = t; i < G * sa; i += RKA_T) {
+            const u32 g = i / sa, q = i % sa;
+            const float* pq = c.scratch + ((u64)(h * G + g) * S + q) * (hd + 2);
+            sc[g][q] = __ldcg(pq);
+            sc[g][RKA_CH / 2 + q] = __ldcg(pq + 1);
+        }
+        __syncthreads();
+        if (warp < G) {
+            float m;
+            const float l = warp_exp_row(sc[warp], sc[warp] + RKA_CH / 2, sa, lane, m);
+            if (lane == 0) sl[warp] = l;
+        }
+        __syncthreads();
         for (u32 i = t; i < G * hd; i += RKA_T) {
             const u32 g = i / hd, dd = i % hd, st = hd + 2;
-            const float* p0 = c.scratch + (u64)(h * G + g) * S * st;
-            out[(u64)g * hd + dd] = merge_splits<MC>(sa, [&](u32 q, float& m, float& l, float& v) {
-                const float* pq = p0 + (u64)q * st;
-                m = __ldcg(pq);
-                l = __ldcg(pq + 1);
-                v = __ldcg(pq + 2 + dd);
-            });
+            const float* p0 = c.scratch + (u64)(h * G + g) * S * st + 2 + dd;
+            float o = 0.0f;
+            u32 q = 0;
+            for (; q + 8 <= sa; q += 8) {
+                float v[8];
+#pragma unroll
+                for (u32 j = 0; j < 8; j++) v[j] = __ldcg(p0 + (q + j) * st);
+#pragma unroll
+                for (u32 j = 0; j < 8; j++) o = fmaf(v[j], sc[g][q + j], o);
+            }
+            for (; q < sa; q++) o = fmaf(__ldcg(p0 + q * st), sc[g][q], o);
+            out[(u64)g * hd + dd] = o / sl[g];
         }
         tl_guard_.mark(7);
     }
