@@ -1,4 +1,5 @@
-// What a kernel-per-op decode can reach: pure weight streams of the Llama-3.2-1B step
+// What a kernel-per-op decode can reach (standalone, so its TMA helpers repeat the three
+// of crates/backend-cuda/src/cu/common.cuh): pure weight streams of the Llama-3.2-1B step
 // sizes, cold in L2, alone and chained the way a decode token chains them.
 //
 //   nvcc -O3 -arch=sm_90a -o /tmp/stream_bench scripts/cuda/stream_bench.cu && /tmp/stream_bench
@@ -126,37 +127,35 @@ static const uint8_t* next_window(u64 bytes) {
     return p;
 }
 
-static void launch(const Cfg& c, const uint8_t* src, u64 bytes, cudaStream_t st, int pdl) {
+// A launch on `st` of `grid` blocks of 256 threads, with programmatic stream
+// serialization when `pdl` (`at`: the caller's storage for the attribute).
+static cudaLaunchConfig_t launch_cfg(cudaStream_t st, int pdl, unsigned grid, cudaLaunchAttribute* at) {
     cudaLaunchConfig_t lc = {};
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
+    at->id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at->val.programmaticStreamSerializationAllowed = 1;
     lc.attrs = at;
     lc.numAttrs = pdl ? 1 : 0;
     lc.stream = st;
+    lc.gridDim = dim3(grid);
+    lc.blockDim = dim3(256);
+    return lc;
+}
+
+static void launch(const Cfg& c, const uint8_t* src, u64 bytes, cudaStream_t st, int pdl) {
+    cudaLaunchAttribute at;
+    cudaLaunchConfig_t lc = launch_cfg(st, pdl, sms * c.bps, &at);
     if (c.kind == 0) {
-        lc.gridDim = dim3(sms * c.bps);
-        lc.blockDim = dim3(256);
         if (c.U == 4) CK(cudaLaunchKernelEx(&lc, ldg_stream<4>, (const uint4*)src, bytes / 16, dout, pdl));
         else CK(cudaLaunchKernelEx(&lc, ldg_stream<8>, (const uint4*)src, bytes / 16, dout, pdl));
     } else {
-        lc.gridDim = dim3(sms * c.bps);
-        lc.blockDim = dim3(256);
         lc.dynamicSmemBytes = c.SB * c.NS;
         CK(cudaLaunchKernelEx(&lc, tma_stream, src, bytes, c.SB, c.NS, c.early, dout, pdl));
     }
 }
 
 static void launch_lat(cudaStream_t st, int pdl) {
-    cudaLaunchConfig_t lc = {};
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.attrs = at;
-    lc.numAttrs = pdl ? 1 : 0;
-    lc.stream = st;
-    lc.gridDim = dim3(8);
-    lc.blockDim = dim3(256);
+    cudaLaunchAttribute at;
+    cudaLaunchConfig_t lc = launch_cfg(st, pdl, 8, &at);
     CK(cudaLaunchKernelEx(&lc, lat_kernel, (const float*)dlat, dlat + 8192, pdl));
 }
 
