@@ -590,13 +590,33 @@ pub(crate) fn groupable_mixed(ops: &[Op], mixed: bool) -> bool {
     true
 }
 
-/// `struct RopeKv` of `cu/ops.cu`.
+/// `struct RopeKv` of `cu/ops.cu`, with q's and k's pair frequencies ([`freq_table`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RopeKv {
     q: abi::Rope,
     k: abi::Rope,
     s: abi::KvStore,
+    qhi: [f32; RK_PAIRS],
+    qlo: [f32; RK_PAIRS],
+    khi: [f32; RK_PAIRS],
+    klo: [f32; RK_PAIRS],
+}
+
+/// Rotated pairs a head of `rope_kv` at most (n_rot <= 256).
+const RK_PAIRS: usize = 128;
+
+/// Pair j's rotation frequency (f64, [`samepage_backend::rope::rope_freqs`]) as two f32,
+/// `hi[j] + lo[j]` (48 of its 53 bits), for the kernels' `rope_sincos`: they then need a
+/// multiply, a range reduction and two short series a pair, where pow, two divisions and
+/// an f64 sincos took ~2 us of a decode step on an H100.
+fn freq_table<const N: usize>(r: &abi::Rope) -> ([f32; N], [f32; N]) {
+    let (mut hi, mut lo) = ([0.0f32; N], [0.0f32; N]);
+    for (j, f) in samepage_backend::rope::rope_freqs(r).into_iter().take(N).enumerate() {
+        hi[j] = f as f32;
+        lo[j] = (f - hi[j] as f64) as f32;
+    }
+    (hi, lo)
 }
 // SAFETY: #[repr(C)] of 4-byte scalars, no padding.
 unsafe impl samepage_abi::Pod for RopeKv {}
@@ -609,6 +629,9 @@ pub(crate) fn rope_kv_fusable(ops: &[Op]) -> bool {
         return false;
     };
     if q.n != 1 || k.n != 1 || s.n != 1 || s.k != k.x || s.n_kv_heads != k.n_heads || s.head_dim != k.head_dim {
+        return false;
+    }
+    if q.n_rot as usize / 2 > RK_PAIRS || k.n_rot as usize / 2 > RK_PAIRS {
         return false;
     }
     let span = |x: u32, len: u64| (x as u64, x as u64 + len);
@@ -628,10 +651,8 @@ pub(crate) fn rope_kv_fusable(ops: &[Op]) -> bool {
     true
 }
 
-/// `struct RopeKvAttn` of `cu/attention.cu`. `fhi[j] + flo[j]` is pair j's rotation
-/// frequency (f64, [`samepage_backend::rope::rope_freqs`]) as two f32 (48 of its 53
-/// bits): the kernel then needs only a multiply, a range reduction and an f32 sincos a
-/// pair, where pow, two divisions and an f64 sincos took ~2 us of its prologue.
+/// `struct RopeKvAttn` of `cu/attention.cu`, with the pairs' frequencies ([`freq_table`];
+/// q and k rotate alike).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RopeKvAttn {
@@ -650,15 +671,7 @@ const RKA_PAIRS: usize = 64;
 
 impl RopeKvAttn {
     fn new(q: abi::Rope, k: abi::Rope, s: abi::KvStore, a: abi::Attention) -> RopeKvAttn {
-        let (mut fhi, mut flo) = ([0.0f32; RKA_PAIRS], [0.0f32; RKA_PAIRS]);
-        for (j, f) in samepage_backend::rope::rope_freqs(&q)
-            .into_iter()
-            .take(RKA_PAIRS)
-            .enumerate()
-        {
-            fhi[j] = f as f32;
-            flo[j] = (f - fhi[j] as f64) as f32;
-        }
+        let (fhi, flo) = freq_table(&q);
         RopeKvAttn { q, k, s, a, fhi, flo }
     }
 }
@@ -804,7 +817,16 @@ pub(crate) fn launch_rope_kv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[O
         return Err(OpError::runtime("cuda: not a rope/rope/kv_store group"));
     };
     let block = |r: &abi::Rope| (r.n_rot / 2).div_ceil(32).clamp(1, 8) * 32;
-    let f = RopeKv { q, k: kr, s };
+    let ((qhi, qlo), (khi, klo)) = (freq_table(&q), freq_table(&kr));
+    let f = RopeKv {
+        q,
+        k: kr,
+        s,
+        qhi,
+        qlo,
+        khi,
+        klo,
+    };
     go(
         stream,
         &k.rope_kv,

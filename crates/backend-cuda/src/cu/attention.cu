@@ -313,38 +313,11 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 // fhi[j] + flo[j]: pair j's frequency in f64 (exec.rs `RopeKvAttn::new`).
 struct RopeKvAttn { Rope q, k; KvStore s; Attention a; float fhi[64], flo[64]; };
 
-// The cosines and sines of position p, as rope_angles (f64, rounded to f32 at the end)
-// but without its pow, divisions and library sincos (their latency was most of this
-// kernel's prologue): the angle p * freq in f64, reduced by pi / 2 (Cody-Waite, two
-// parts), then sin and cos of the remainder (|r| <= pi / 4) by their Taylor series to
-// r^15 and r^16 (truncation below 1e-16), swapped and negated by the quadrant.
+// The cosines and sines of position p into cs / sn (`rope_sincos`, from the host's
+// frequencies), by the block's threads.
 __device__ __forceinline__ void rka_angles(const RopeKvAttn& f, u32 p, float* cs, float* sn) {
-    for (u32 j = threadIdx.x; j < f.q.n_rot / 2; j += blockDim.x) {
-        const double a = (double)p * ((double)f.fhi[j] + (double)f.flo[j]);
-        const double n = rint(a * 0.63661977236758134308);
-        const double r = fma(-n, 6.123233995736766036e-17, fma(-n, 1.5707963267948965580, a)), r2 = r * r;
-        double sv = -1.0 / 1307674368000.0;
-        sv = fma(sv, r2, 1.0 / 6227020800.0);
-        sv = fma(sv, r2, -1.0 / 39916800.0);
-        sv = fma(sv, r2, 1.0 / 362880.0);
-        sv = fma(sv, r2, -1.0 / 5040.0);
-        sv = fma(sv, r2, 1.0 / 120.0);
-        sv = fma(sv, r2, -1.0 / 6.0);
-        sv = fma(sv * r2, r, r);
-        double cv = 1.0 / 20922789888000.0;
-        cv = fma(cv, r2, -1.0 / 87178291200.0);
-        cv = fma(cv, r2, 1.0 / 479001600.0);
-        cv = fma(cv, r2, -1.0 / 3628800.0);
-        cv = fma(cv, r2, 1.0 / 40320.0);
-        cv = fma(cv, r2, -1.0 / 720.0);
-        cv = fma(cv, r2, 1.0 / 24.0);
-        cv = fma(cv, r2, -0.5);
-        cv = fma(cv, r2, 1.0);
-        const u32 q = (u32)(long long)n & 3u;
-        const double sa = q & 1u ? cv : sv, ca = q & 1u ? sv : cv;
-        sn[j] = (float)(q == 1u || q == 0u ? sa : -sa);
-        cs[j] = (float)(q == 0u || q == 3u ? ca : -ca);
-    }
+    for (u32 j = threadIdx.x; j < f.q.n_rot / 2; j += blockDim.x)
+        rope_sincos((double)f.fhi[j] + (double)f.flo[j], p, sn[j], cs[j]);
 }
 
 template <bool F16> __device__ __forceinline__ float cache_round(float x) {

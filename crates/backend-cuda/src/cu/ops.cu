@@ -115,17 +115,47 @@ extern "C" __global__ void rope(const Ctx c, const Rope r) {
     }
 }
 
-// One head of one token: rotate the pairs of v (the body of `rope`). The pair is loaded
-// before the f64 frequency math, so the load's latency hides behind it.
-__device__ void rope_head(const Rope& r, u32 p, float* v) {
-    u32 half = r.n_rot / 2;
-    for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
+// sin and cos of p * freq, as rope_angles' f64 values rounded to f32, without pow,
+// divisions or a library sincos (their dependent f64 latency was ~2 us of a decode step):
+// freq comes from the host (`samepage_backend::rope::rope_freqs`), the angle is reduced
+// by pi / 2 in f64 (Cody-Waite, two parts), and sin and cos of the remainder
+// (|r| <= pi / 4) are their Taylor series to r^15 and r^16 (truncation below 1e-16),
+// swapped and negated by the quadrant.
+__device__ __forceinline__ void rope_sincos(double freq, u32 p, float& sn, float& cs) {
+    const double a = (double)p * freq;
+    const double n = rint(a * 0.63661977236758134308);
+    const double r = fma(-n, 6.123233995736766036e-17, fma(-n, 1.5707963267948965580, a)), r2 = r * r;
+    double sv = -1.0 / 1307674368000.0;
+    sv = fma(sv, r2, 1.0 / 6227020800.0);
+    sv = fma(sv, r2, -1.0 / 39916800.0);
+    sv = fma(sv, r2, 1.0 / 362880.0);
+    sv = fma(sv, r2, -1.0 / 5040.0);
+    sv = fma(sv, r2, 1.0 / 120.0);
+    sv = fma(sv, r2, -1.0 / 6.0);
+    sv = fma(sv * r2, r, r);
+    double cv = 1.0 / 20922789888000.0;
+    cv = fma(cv, r2, -1.0 / 87178291200.0);
+    cv = fma(cv, r2, 1.0 / 479001600.0);
+    cv = fma(cv, r2, -1.0 / 3628800.0);
+    cv = fma(cv, r2, 1.0 / 40320.0);
+    cv = fma(cv, r2, -1.0 / 720.0);
+    cv = fma(cv, r2, 1.0 / 24.0);
+    cv = fma(cv, r2, -0.5);
+    cv = fma(cv, r2, 1.0);
+    const u32 q = (u32)(long long)n & 3u;
+    const double sa = q & 1u ? cv : sv, ca = q & 1u ? sv : cv;
+    sn = (float)(q == 1u || q == 0u ? sa : -sa);
+    cs = (float)(q == 0u || q == 3u ? ca : -ca);
+}
+
+// rope_head with pair j's frequency hi[j] + lo[j] (two f32 of the host's f64).
+__device__ void rope_head_tab(const Rope& r, const float* hi, const float* lo, u32 p, float* v) {
+    for (u32 j = threadIdx.x; j < r.n_rot / 2; j += blockDim.x) {
         u32 a, b;
         rope_pair(r, j, a, b);
-        float x0 = v[a], x1 = v[b];
-        double s, co;
-        sincos((double)p * rope_freq(r, j), &s, &co);
-        float fs = (float)s, fc = (float)co;
+        const float x0 = v[a], x1 = v[b];
+        float fs, fc;
+        rope_sincos((double)hi[j] + (double)lo[j], p, fs, fc);
         v[a] = x0 * fc - x1 * fs;
         v[b] = x0 * fs + x1 * fc;
     }
@@ -150,14 +180,15 @@ __device__ void store_kv_head(const Ctx& c, const KvStore& s, u64 src, u64 dst) 
 // Record-time fusion of rope(q), rope(k), kv_store(k, v) for one token (graph.rs
 // `plan`, exec.rs `rope_kv_fusable`): q.n_heads + k.n_heads blocks; a k block rotates its
 // head in place, then (after a barrier: the block's own writes are visible) copies the
-// k and v head into the cache, exactly as the three ops one after another would.
-struct RopeKv { Rope q, k; KvStore s; };
+// k and v head into the cache, exactly as the three ops one after another would. The
+// frequencies of q's and k's pairs come from the host (`rope_head_tab`).
+struct RopeKv { Rope q, k; KvStore s; float qhi[128], qlo[128], khi[128], klo[128]; };
 extern "C" __global__ void rope_kv(const Ctx c, const RopeKv f) {
     PDL_ENTER();
     u32 b = blockIdx.x;
     if (b < f.q.n_heads) {
         u32 p = tok_word(c, 0, f.q.positions);
-        rope_head(f.q, p, at<float>(c, f.q.x) + (u64)b * f.q.head_dim);
+        rope_head_tab(f.q, f.qhi, f.qlo, p, at<float>(c, f.q.x) + (u64)b * f.q.head_dim);
         return;
     }
     const KvStore& s = f.s;
@@ -166,7 +197,7 @@ extern "C" __global__ void rope_kv(const Ctx c, const RopeKv f) {
     u32 pos = tok_word(c, 2, s.pos);
     u32 h = b - f.q.n_heads;
     float* kh = at<float>(c, f.k.x) + (u64)h * f.k.head_dim;
-    rope_head(f.k, p, kh);
+    rope_head_tab(f.k, f.khi, f.klo, p, kh);
     __syncthreads();
     if ((u64)pos + 1 > s.ctx) {
         if (threadIdx.x == 0) report(c, ERR_KV_POS, pos, 1);
