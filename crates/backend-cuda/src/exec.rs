@@ -602,6 +602,8 @@ struct RopeKv {
     khi: [f32; RK_PAIRS],
     klo: [f32; RK_PAIRS],
 }
+// SAFETY: #[repr(C)] of 4-byte scalars, no padding.
+unsafe impl samepage_abi::Pod for RopeKv {}
 
 /// Rotated pairs a head of `rope_kv` at most (n_rot <= 256).
 const RK_PAIRS: usize = 128;
@@ -618,8 +620,6 @@ fn freq_table<const N: usize>(r: &abi::Rope) -> ([f32; N], [f32; N]) {
     }
     (hi, lo)
 }
-// SAFETY: #[repr(C)] of 4-byte scalars, no padding.
-unsafe impl samepage_abi::Pod for RopeKv {}
 
 /// Whether `ops` are rope(q), rope(k), kv_store(k, v) of one token that one `rope_kv`
 /// launch runs with the same results: kv_store stores the rotated k, and no op writes

@@ -304,7 +304,7 @@ impl CudaOpGraph {
         }
         match step {
             Step::One(_) => {
-                if matches!(ops[0], Op::Sample(_)) && self.sample_reads_early(first) {
+                if self.sample_reads_early(first) {
                     c.aux |= exec::SAMPLE_PRE;
                 }
                 exec::launch_op(&inner.kernels, &inner.stream, c, &ops[0])
