@@ -138,6 +138,10 @@ impl StatusWord {
             (Some(Op::Sample(s)), 5) => {
                 format!("sample: history token id {a} is past the vocabulary of {}", s.vocab)
             }
+            (_, 6) => format!(
+                "the decode megakernel waited over 2 s at its step {a} for blocks that never ran (other work held \
+                 the GPU's multiprocessors); without SAMEPAGE_CUDA_MEGA=1 the steps launch one by one"
+            ),
             _ => format!("a kernel reported error {reason} ({a}, {b})"),
         };
         Err(OpError::runtime(format!("op {idx}: {msg}")))
@@ -1388,6 +1392,148 @@ fn mvp_plan<'k>(
         return None;
     }
     Some((g, f, blocks, smem))
+}
+
+/// `struct MegaPhase` of `cu/mega.cu`: one step of the decode megakernel, a matvec step
+/// (`kind` 0, `mv`) or a fused attention step (1, `at` with the launch's `aux`), with the
+/// step's op index and per-token slot map.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct MegaPhase {
+    pub kind: u32,
+    pub op: u32,
+    pub tmap: u32,
+    pub aux: u32,
+    pub f16: u32,
+    pad: [u32; 3],
+    mv: MvPipe,
+    at: RopeKvAttn,
+    tail: u32,
+}
+// SAFETY: #[repr(C)] of 4-byte scalars, no padding.
+unsafe impl samepage_abi::Pod for MegaPhase {}
+// The kernel's `static_assert` checks the same size.
+const _: () = assert!(std::mem::size_of::<MegaPhase>() == 912);
+
+/// `struct Mega` of `cu/mega.cu`: the phases and the barrier words (device addresses).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct Mega {
+    pub ph: u64,
+    pub bar: u64,
+    pub n: u32,
+    pub pad: u32,
+}
+// SAFETY: #[repr(C)]: two u64 then two u32, no padding.
+unsafe impl samepage_abi::Pod for Mega {}
+
+/// Most rows' old values a block of the megakernel holds in a phase (`MG_PREV`), and the
+/// longest x (`MG_XMAX`).
+const MG_PREV: u64 = 1024;
+const MG_XMAX: u32 = 8192;
+
+/// A [`MvStep`] as a megakernel phase, for `blocks` blocks: f16 or bf16 W of one dtype
+/// (`dt`), the `mvp` shape with 8 chunks a lane and P of 1, 2 or 4 parts a row (a stage of
+/// 8 / P rows is one 32 KiB ring slot), x within `MG_XMAX` floats, everything 16-byte aligned,
+/// a fixed norm weight. `None` otherwise.
+pub(crate) fn mega_mv_phase(base: u64, ops: &[Op], s: MvStep, dt: DType, blocks: u32) -> Option<MegaPhase> {
+    let off = s.norm as usize;
+    let ms = matmuls(&ops[off..off + s.len]);
+    let norm = match ops[0] {
+        Op::RmsNorm(r) if s.norm => Some(r),
+        _ => None,
+    };
+    let sw = match ops.get(off + 2) {
+        Some(Op::SwiGlu(x)) if s.swiglu => Some(*x),
+        _ => None,
+    };
+    let m0 = *ms.first()?;
+    if !s.w_fixed || (s.norm && !s.nw_fixed) || ms.len() > 3 || blocks < 32 {
+        return None;
+    }
+    if !ms.iter().all(|m| m.k == m0.k && m.dtype == dt as u32 && m.n == 1) {
+        return None;
+    }
+    let (j, p) = mvp_shape(m0.k)?;
+    if j != 8 || !matches!(p, 1 | 2 | 4) || m0.k > MG_XMAX || (sw.is_some() && ms.len() != 2) {
+        return None;
+    }
+    let al = |off: u32| (base + off as u64).is_multiple_of(16);
+    if !ms.iter().all(|m| al(m.w) && al(m.x)) || norm.is_some_and(|n| !(al(n.x) && al(n.weight) && al(n.out))) {
+        return None;
+    }
+    let r = 8 / p;
+    let mut g = MvPipe {
+        count: ms.len() as u32,
+        p,
+        r,
+        ..Default::default()
+    };
+    let mut rows = 0u64;
+    for (i, m) in ms.iter().enumerate() {
+        g.m[i] = *m;
+        rows += m.m as u64;
+        g.rend[i] = u32::try_from(rows).ok()?;
+    }
+    g.vmix = g.rend[ms.len() - 1];
+    if let Some(x) = sw {
+        (g.pair, g.sw_out) = (1, x.out);
+    }
+    if let Some(n) = norm {
+        (g.norm, g.nx, g.nw, g.nout, g.eps) = (1, n.x, n.weight, n.out, n.eps);
+    }
+    let pre = ms
+        .iter()
+        .any(|m| m.flags & (abi::MATMUL_BIAS | abi::MATMUL_ACCUMULATE) != 0);
+    if pre && rows.div_ceil(r as u64).div_ceil(blocks as u64) * r as u64 > MG_PREV {
+        return None;
+    }
+    g.pre = pre as u32;
+    Some(MegaPhase {
+        kind: 0,
+        op: 0,
+        tmap: 0,
+        aux: 0,
+        f16: 0,
+        pad: [0; 3],
+        mv: g,
+        at: RopeKvAttn {
+            q: Default::default(),
+            k: Default::default(),
+            s: Default::default(),
+            a: Default::default(),
+            fhi: [0.0; RKA_PAIRS],
+            flo: [0.0; RKA_PAIRS],
+        },
+        tail: 0,
+    })
+}
+
+/// Fused attention ops ([`rope_kv_attn_fusable`]) as a megakernel phase for `blocks`
+/// blocks: cache rows aligned for the vector loads, split-merge counters, and no more
+/// (KV head, split) units than blocks. `None` otherwise.
+pub(crate) fn mega_attn_phase(c: &KCtx, ops: &[Op], blocks: u32) -> Option<MegaPhase> {
+    let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s), Op::Attention(a)] = *ops else {
+        return None;
+    };
+    let splits = rka_splits(&a);
+    let f16 = attention_dec_fits(c.base, &a)?;
+    if (splits > 1 && c.counters == 0) || splits as u64 * a.n_kv_heads as u64 > blocks as u64 {
+        return None;
+    }
+    static MIN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let min = *MIN.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN_MIN").map_or(0, |v| (v.clamp(8, 256) / 8) as u32));
+    Some(MegaPhase {
+        kind: 1,
+        op: 0,
+        tmap: 0,
+        aux: splits | 1 << 17 | min << 24,
+        f16: f16 as u32,
+        pad: [0; 3],
+        mv: MvPipe::default(),
+        at: RopeKvAttn::new(q, kr, s, a),
+        tail: 0,
+    })
 }
 
 /// Enqueue a [`MvStep`] (`ops`: exactly its ops): one pipelined launch where it applies

@@ -135,11 +135,33 @@ impl Drop for Staged {
     }
 }
 
+/// The decode megakernel's run of steps (`mega_plan`): steps `first..last` are one launch
+/// of `mega_<dt>_<cache dt>` (`kernel`: its index in `Kernels::mega`) over the phases in `buf` (managed memory, written here once: the
+/// barrier words, then the phases).
+struct MegaRun {
+    first: usize,
+    last: usize,
+    kernel: usize,
+    buf: u64,
+    n: u32,
+}
+
+/// The phases' offset in [`MegaRun::buf`] (the barrier words come first).
+const MEGA_PH_OFF: u64 = 256;
+
+impl Drop for MegaRun {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `mega_plan`; the graph synchronised its stream first.
+        let _ = unsafe { result::free_sync(self.buf) };
+    }
+}
+
 pub(crate) struct CudaOpGraph {
     inner: Arc<Inner>,
     ops: Vec<Op>,
     steps: Vec<Step>,
     staged: Option<Staged>,
+    mega: Option<MegaRun>,
     trace: Option<Trace>,
     timeline: Option<Timeline>,
     status: StatusWord,
@@ -212,6 +234,7 @@ impl CudaOpGraph {
             inner,
             steps,
             staged,
+            mega: None,
             trace,
             timeline,
             ops,
@@ -223,6 +246,9 @@ impl CudaOpGraph {
     }
 
     fn capture(&mut self, base: u64) -> Result<CudaGraph, OpError> {
+        let _ = self.inner.stream.synchronize(); // a previous run's phases may be in use
+        self.mega = None;
+        self.mega = self.mega_plan(base)?;
         let inner = &self.inner;
         let stream = &inner.stream;
         stream
@@ -245,7 +271,11 @@ impl CudaOpGraph {
             if res.is_err() {
                 break;
             }
-            res = self.launch_step(base, j, step);
+            res = match self.mega.as_ref() {
+                Some(m) if j == m.first => self.launch_mega(base, m),
+                Some(m) if j > m.first && j < m.last => Ok(()),
+                _ => self.launch_step(base, j, step),
+            };
         }
         guard.1 = false;
         let g = stream.end_capture(sys::CUgraphInstantiate_flags(0));
@@ -267,6 +297,128 @@ impl CudaOpGraph {
                 op as u32,
             )
         }
+    }
+
+    /// The run of steps the decode megakernel takes (cu/mega.cu), with its phases written
+    /// to a managed buffer and moved to the GPU; `None` where it does not apply: not
+    /// switched on (`SAMEPAGE_CUDA_MEGA=1`, `CudaBackend::set_megakernel`), below sm_90, not a single-token graph, or no run of
+    /// matvec steps (`exec::mega_mv_phase`, of one dtype) and fused attention steps
+    /// (`exec::mega_attn_phase`) with an attention and at least three steps.
+    fn mega_plan(&self, base: u64) -> Result<Option<MegaRun>, OpError> {
+        let inner = &self.inner;
+        let k = &inner.kernels;
+        let on = inner.mega.load(std::sync::atomic::Ordering::Relaxed);
+        if !on || k.mega.iter().all(Option::is_none) || !self.ops.iter().all(exec::single_token) {
+            return Ok(None);
+        }
+        let blocks = k.sms;
+        let dt = self.steps.iter().find_map(|s| match *s {
+            Step::Mv(m) => match self.ops[m.at + m.norm as usize] {
+                Op::Matmul(mm) => samepage_abi::DType::from_u32(mm.dtype),
+                _ => None,
+            },
+            _ => None,
+        });
+        let Some(dt) = dt.filter(|d| matches!(d, samepage_abi::DType::F16 | samepage_abi::DType::BF16)) else {
+            return Ok(None);
+        };
+        let bf16 = dt == samepage_abi::DType::BF16;
+        let phase = |j: usize| -> Option<exec::MegaPhase> {
+            let step = self.steps[j];
+            let (first, span) = Self::step_span(step);
+            let mut ph = match step {
+                Step::Mv(s) => exec::mega_mv_phase(base, &self.ops[span], s, dt, blocks)?,
+                Step::RopeKvAttn(_) => exec::mega_attn_phase(&self.ctx(base, first), &self.ops[span], blocks)?,
+                _ => return None,
+            };
+            ph.op = first as u32;
+            ph.tmap = self.staged.as_ref().map_or(u32::MAX, |st| st.tmaps[j]);
+            // The attention reads its words before the barrier: they must be staged (or in
+            // the region, read after the launch's own wait).
+            Some(ph)
+        };
+        // The longest run of steps that are phases, with an attention in it.
+        let (mut best, mut cur): (Option<(usize, usize)>, Option<usize>) = (None, None);
+        let mut phases: Vec<Option<exec::MegaPhase>> = (0..self.steps.len()).map(phase).collect();
+        phases.push(None);
+        for (j, p) in phases.iter().enumerate() {
+            match (p, cur) {
+                (Some(_), None) => cur = Some(j),
+                (None, Some(f)) => {
+                    let attn = phases[f..j].iter().flatten().any(|p| p.kind == 1);
+                    if attn && j - f >= 3 && best.is_none_or(|(a, b)| j - f > b - a) {
+                        best = Some((f, j));
+                    }
+                    cur = None;
+                }
+                _ => {}
+            }
+        }
+        let Some((first, last)) = best else {
+            return Ok(None);
+        };
+        let list: Vec<exec::MegaPhase> = phases[first..last].iter().flatten().copied().collect();
+        // One cache dtype for all attention phases (a kernel each).
+        let f16 = list.iter().filter(|p| p.kind == 1).map(|p| p.f16).max().unwrap_or(0);
+        if list.iter().any(|p| p.kind == 1 && p.f16 != f16) {
+            return Ok(None);
+        }
+        let kernel = 2 * bf16 as usize + f16 as usize;
+        if k.mega[kernel].is_none() {
+            return Ok(None);
+        }
+        let size = std::mem::size_of::<exec::MegaPhase>();
+        // Whole 64 KiB pages, for the placement advice.
+        let bytes = (MEGA_PH_OFF as usize + list.len() * size).next_multiple_of(1 << 16);
+        // SAFETY: a managed allocation of `bytes`, freed by `MegaRun::drop`; the host
+        // writes it (zeroed barrier words, then the phases) before any launch reads it.
+        let buf = unsafe { result::malloc_managed(bytes, sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL) }
+            .map_err(|e| cuda_err("allocating the megakernel's phases", e))?;
+        let run = MegaRun {
+            first,
+            last,
+            kernel,
+            buf,
+            n: list.len() as u32,
+        };
+        // SAFETY: `buf` is `bytes` of managed memory that no launch uses yet (the stream
+        // was synchronised), writable from the host; MegaPhase is plain old data.
+        unsafe {
+            let p = buf as *mut u8;
+            std::ptr::write_bytes(p, 0, MEGA_PH_OFF as usize);
+            for (i, ph) in list.iter().enumerate() {
+                let src = std::slice::from_raw_parts(ph as *const exec::MegaPhase as *const u8, size);
+                std::ptr::copy_nonoverlapping(src.as_ptr(), p.add(MEGA_PH_OFF as usize + i * size), size);
+            }
+        }
+        inner.advise(buf, bytes, crate::hint::DEVICE);
+        inner.queue_prefetch(buf, bytes);
+        inner.flush_prefetch();
+        crate::count_mega();
+        Ok(Some(run))
+    }
+
+    /// Launch the megakernel for `m` (one block per SM; `c.op`: its first step's).
+    fn launch_mega(&self, base: u64, m: &MegaRun) -> Result<(), OpError> {
+        let inner = &self.inner;
+        crate::prefill::forget_x();
+        let (first, _) = Self::step_span(self.steps[m.first]);
+        let mut c = self.ctx(base, first);
+        if let Some(st) = self.staged.as_ref() {
+            c.tok = st.buf;
+        }
+        let Some(f) = inner.kernels.mega[m.kernel].as_ref() else {
+            return Err(OpError::runtime("cuda: the megakernel is not loaded"));
+        };
+        let mut lc = exec::cfg(inner.kernels.sms as u64, 288)?;
+        lc.shared_mem_bytes = crate::kernels::MEGA_SMEM;
+        let p = exec::Mega {
+            ph: m.buf + MEGA_PH_OFF,
+            bar: m.buf,
+            n: m.n,
+            pad: 0,
+        };
+        exec::go(&inner.stream, f, c, p, lc, "mega")
     }
 
     /// The step's first launch: its per-token words to the device (`stage`), if any.

@@ -14,6 +14,7 @@ pub const SOURCE: &str = concat!(
     include_str!("cu/matmul.cu"),
     include_str!("cu/mvp.cu"),
     include_str!("cu/attention.cu"),
+    include_str!("cu/mega.cu"),
     include_str!("cu/sample.cu"),
     include_str!("cu/gemm.cu"),
     include_str!("cu/attention_prefill.cu"),
@@ -157,6 +158,10 @@ pub struct Kernels {
     /// By dtype code: whether `matvec_<dtype>` and `matvecs_<dtype>` (quantized) were
     /// granted the shared memory of the TMA chunk ring (`exec::qmv_ring_bytes`; sm_90).
     pub qmv_tma: Vec<bool>,
+    /// `mega_<f16|bf16>_<f32|f16>` (cu/mega.cu: W, KV cache) at `2 * (W is bf16) + (cache
+    /// is f16)`, with [`MEGA_SMEM`] of dynamic shared memory granted; `None` below sm_90 or
+    /// where the device refused it.
+    pub mega: [Option<CudaFunction>; 4],
     /// Multiprocessors of the device.
     pub sms: u32,
     /// Prefill GEMM helpers (cu/gemm.cu): x to f16 / bf16 scratch.
@@ -306,6 +311,20 @@ impl Kernels {
             } else {
                 Vec::new()
             },
+            mega: if major >= 9 {
+                let g = |n: &str| -> Result<Option<CudaFunction>, String> {
+                    let func = f(n)?;
+                    Ok(grant_smem(&func, MEGA_SMEM).then_some(func))
+                };
+                [
+                    g("mega_f16_f32")?,
+                    g("mega_f16_f16")?,
+                    g("mega_bf16_f32")?,
+                    g("mega_bf16_f16")?,
+                ]
+            } else {
+                [None, None, None, None]
+            },
             sms: ctx
                 .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| format!("multiprocessor count: {e:?}"))? as u32,
@@ -361,6 +380,10 @@ fn carveout() -> Option<i32> {
         None => Some(100),
     }
 }
+
+/// The megakernel's dynamic shared memory (`MG_SMEM` of cu/mega.cu: 5 ring slots of 32
+/// KiB, x (8192 floats), the rows' old values (1024)).
+pub const MEGA_SMEM: u32 = 5 * 32768 + 4 * (8192 + 1024);
 
 /// Opt `f` in to `smem` bytes of dynamic shared memory; whether the device granted it.
 fn grant_smem(f: &CudaFunction, smem: u32) -> bool {

@@ -60,6 +60,18 @@ pub(crate) fn count_pipelined() {
     PIPELINED.fetch_add(1, Ordering::Relaxed);
 }
 
+static MEGA: AtomicU64 = AtomicU64::new(0);
+
+/// How many graphs were captured with the decode megakernel (cu/mega.cu) taking a run
+/// of their steps.
+pub fn mega_graphs() -> u64 {
+    MEGA.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_mega() {
+    MEGA.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Count one explicit copy. Any future code path that must copy calls this first.
 #[allow(dead_code)]
 pub(crate) fn count_copy() {
@@ -99,6 +111,8 @@ pub(crate) struct Inner {
     pub(crate) enqueue: Mutex<()>,
     immediate: Mutex<Immediate>,
     prefetch: Mutex<Vec<Prefetch>>,
+    /// Whether decode graphs are captured with the megakernel (`graph::mega_plan`).
+    pub(crate) mega: std::sync::atomic::AtomicBool,
 }
 
 struct Immediate {
@@ -221,6 +235,7 @@ impl CudaBackend {
                 scratch: exec::Scratch::empty(),
             }),
             prefetch: Mutex::new(Vec::new()),
+            mega: std::sync::atomic::AtomicBool::new(std::env::var("SAMEPAGE_CUDA_MEGA").as_deref() == Ok("1")),
         };
         Ok(CudaBackend { inner: Arc::new(inner) })
     }
@@ -234,6 +249,18 @@ impl CudaBackend {
     /// `SAMEPAGE_CUDA_MVP=0`).
     pub fn has_pipelined_matvec(&self) -> bool {
         self.inner.kernels.mvp.iter().any(|f| f.is_some()) && exec::mvp_enabled()
+    }
+
+    /// Whether the decode megakernel (cu/mega.cu) is loaded: sm_90 and its shared memory.
+    pub fn has_megakernel(&self) -> bool {
+        self.inner.kernels.mega.iter().any(|f| f.is_some())
+    }
+
+    /// Capture decode graphs recorded from now on with the megakernel where it applies
+    /// (`SAMEPAGE_CUDA_MEGA=1` sets this at start). Off by default: on an H100 it is
+    /// slower than the step-by-step launches (scripts/cuda/NOTES.md, session 10).
+    pub fn set_megakernel(&self, on: bool) {
+        self.inner.mega.store(on, Ordering::Relaxed);
     }
 
     pub fn memory_mode(&self) -> MemoryMode {

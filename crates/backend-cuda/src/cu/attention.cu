@@ -316,7 +316,7 @@ struct RopeKvAttn { Rope q, k; KvStore s; Attention a; float fhi[64], flo[64]; }
 // The cosines and sines of position p into cs / sn (`rope_sincos`, from the host's
 // frequencies), by the block's threads.
 __device__ __forceinline__ void rka_angles(const RopeKvAttn& f, u32 p, float* cs, float* sn) {
-    for (u32 j = threadIdx.x; j < f.q.n_rot / 2; j += blockDim.x)
+    for (u32 j = threadIdx.x; j < f.q.n_rot / 2; j += RKA_T)
         rope_sincos((double)f.fhi[j] + (double)f.flo[j], p, sn[j], cs[j]);
 }
 
@@ -339,8 +339,36 @@ __device__ __forceinline__ float warp_exp_row(float* v, const float* s, u32 n, u
     return warp_sum(l);
 }
 
+// The block's threads 0 .. RKA_T meet: the whole block, or in the megakernel (MG, mega.cu)
+// its consumer warps (named barrier 1; its producer warp never joins).
+template <bool MG> __device__ __forceinline__ void rka_sync() {
+    if (MG) asm volatile("bar.sync 1, %0;" ::"n"(RKA_T) : "memory");
+    else __syncthreads();
+}
+
+// `last_block` for threads 0 .. RKA_T (`rka_sync`).
+template <bool MG> __device__ bool rka_last_block(u32* cnt, u32 n) {
+    __shared__ u32 last;
+    __threadfence();
+    rka_sync<MG>();
+    if (threadIdx.x == 0) {
+        const u32 old = atomicAdd(cnt, 1u);
+        last = old == n - 1;
+        if (last) *cnt = 0;
+    }
+    rka_sync<MG>();
+    if (!last) return false;
+    __threadfence();
+    return true;
+}
+
 // KJ: float4 columns of a K row per thread (4 threads a position): head_dim <= 16 KJ.
-template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f) {
+// unit: the block's (KV head, split) = (unit / S, unit % S); aux as the launch's c.aux.
+// wait(): the PDL wait (own launch), or the megakernel's barrier before the step. Values
+// the steps before wrote (q, k, v) are read with ld.cg: in the megakernel the same
+// addresses were read by an earlier layer, and L1 does not see other SMs' writes.
+template <bool F16, u32 KJ, bool MG, class Wait>
+__device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u32 aux, Wait wait) {
     __shared__ float cs[64], sn[64];
     __shared__ __align__(16) float qs[RKA_G][128];
     __shared__ __align__(16) float qr[RKA_G][128];
@@ -350,9 +378,9 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     __shared__ float sm[RKA_G], sl[RKA_G];
     const Attention& a = f.a;
     const KvStore& s = f.s;
-    const u32 S = c.aux & 0xffff;
-    const bool early = (c.aux >> 17) & 1;
-    const u32 t = threadIdx.x, h = blockIdx.x / S, sp = blockIdx.x % S;
+    const u32 S = aux & 0xffff;
+    const bool early = (aux >> 17) & 1;
+    const u32 t = threadIdx.x, h = unit / S, sp = unit % S;
     const u32 hd = a.head_dim, G = a.n_heads / a.n_kv_heads, half = f.q.n_rot / 2, rest = hd - 2 * half;
     const u32 nd4 = hd / 4, PG = RKA_T / nd4, pg = t / nd4, d4 = t % nd4;
     const u32 pi = t >> 2, qq = t & 3;
@@ -367,7 +395,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
         pos = tok_word(c, 2, s.pos);
         if ((u64)pos + 1 > s.ctx) return;
         const u32 len = pos + 1;
-        const u32 amin = c.aux >> 24 ? (c.aux >> 24) * 8 : len <= RKA_SHORT ? (u32)RKA_MIN : (u32)RKA_MIN_LONG;
+        const u32 amin = aux >> 24 ? (aux >> 24) * 8 : len <= RKA_SHORT ? (u32)RKA_MIN : (u32)RKA_MIN_LONG;
         const u32 chunk = max((len + S - 1) / S, amin);
         sa = (len + chunk - 1) / chunk;
         if (sp >= sa) return;
@@ -389,17 +417,16 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     // A block past the last chunk has nothing to do: with the position known it leaves
     // now instead of holding its SM slot through the wait (short contexts use few chunks).
     if (early && (u64)pos + 1 <= s.ctx && sp >= sa) return;
-    PDL_WAIT_ONLY();
+    wait();
     tl_guard_.waited();
-    PDL_TRIGGER();
     if (!early) prologue();
     if ((u64)pos + 1 > s.ctx) {
-        if (t == 0 && blockIdx.x == 0) report(c, ERR_KV_POS, pos, 1);
+        if (t == 0 && unit == 0) report(c, ERR_KV_POS, pos, 1);
         return;
     }
     if (sp >= sa) return;
     const bool writer = sp == sa - 1;
-    __syncthreads(); // cs / sn
+    rka_sync<MG>(); // cs / sn
     float* qx = at<float>(c, f.q.x) + (u64)h * G * hd;
     float* kx = at<float>(c, f.k.x) + (u64)h * hd;
     for (u32 i = t; i < (G + writer) * half; i += RKA_T) {
@@ -407,7 +434,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
         float* v = hh == G ? kx : qx + (u64)hh * hd;
         u32 ia, ib;
         rope_pair(f.q, j, ia, ib);
-        const float x0 = v[ia], x1 = v[ib];
+        const float x0 = __ldcg(v + ia), x1 = __ldcg(v + ib);
         const float y0 = x0 * cs[j] - x1 * sn[j], y1 = x0 * sn[j] + x1 * cs[j];
         if (hh < G) {
             qr[hh][ia] = y0;
@@ -424,20 +451,32 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     for (u32 i = t; i < (G + writer) * rest; i += RKA_T) {
         const u32 hh = i / rest, d = 2 * half + i % rest;
         if (hh < G) {
-            const float x = qx[(u64)hh * hd + d];
+            const float x = __ldcg(qx + (u64)hh * hd + d);
             qr[hh][d] = x;
             qs[hh][d] = x * a.scale;
         } else {
-            kvs[0][d] = cache_round<F16>(kx[d]);
+            kvs[0][d] = cache_round<F16>(__ldcg(kx + d));
         }
     }
     if (writer) {
         const float* vx = at<float>(c, s.v) + (u64)h * hd;
-        for (u32 d = t; d < hd; d += RKA_T) kvs[1][d] = cache_round<F16>(vx[d]);
+        for (u32 d = t; d < hd; d += RKA_T) kvs[1][d] = cache_round<F16>(__ldcg(vx + d));
     }
-    __syncthreads(); // k rotated in place, kvs, qs
+    rka_sync<MG>(); // k rotated in place, kvs, qs
     tl_guard_.mark(4);
-    if (writer) store_kv_head(c, s, (u64)h * hd, ((u64)h * s.ctx + pos) * hd);
+    // The kv_store: the rows as the cache holds them (kvs: k rotated, both rounded).
+    if (writer) {
+        const u64 dst = ((u64)h * s.ctx + pos) * hd;
+        for (u32 d = t; d < hd; d += RKA_T) {
+            if (F16) {
+                at<u16>(c, s.k_cache)[dst + d] = f32_to_f16(kvs[0][d]);
+                at<u16>(c, s.v_cache)[dst + d] = f32_to_f16(kvs[1][d]);
+            } else {
+                at<float>(c, s.k_cache)[dst + d] = kvs[0][d];
+                at<float>(c, s.v_cache)[dst + d] = kvs[1][d];
+            }
+        }
+    }
 
     // Scores, RKA_T / 4 positions per tile; the first tile's K rows are in kp.
     for (u32 tb = 0; tb < n; tb += RKA_T / 4) {
@@ -469,14 +508,14 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
             if (qq == 0 && tp < n && g < G) sc[g][tp] = d[g];
         }
     }
-    __syncthreads();
+    rka_sync<MG>();
     const u32 warp = t >> 5, lane = t & 31;
     if (warp < G) {
         float m;
         const float l = warp_exp_row(sc[warp], nullptr, n, lane, m);
         if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     }
-    __syncthreads();
+    rka_sync<MG>();
     tl_guard_.mark(5);
     float4 acc[RKA_G];
 #pragma unroll
@@ -499,7 +538,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     }
 #pragma unroll
     for (u32 g = 0; g < RKA_G; g++) red[t][g] = acc[g];
-    __syncthreads();
+    rka_sync<MG>();
     float* out = at<float>(c, a.out) + (u64)h * G * hd;
     if (t < G * nd4) {
         const u32 g = t / nd4, e4 = t % nd4;
@@ -520,7 +559,7 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
     }
     tl_guard_.mark(6);
     if (sa > 1) {
-        if (!last_block(c.counters + h, sa)) return;
+        if (!rka_last_block<MG>(c.counters + h, sa)) return;
         // The merge: every split's (max, sum) of the group's heads into shared memory in
         // one round of independent loads (sc is free again, sa <= 64), the weights
         // exp(m_q - M) and the total sum per head, then each output element sums its
@@ -532,13 +571,13 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
             sc[g][q] = __ldcg(pq);
             sc[g][RKA_CH / 2 + q] = __ldcg(pq + 1);
         }
-        __syncthreads();
+        rka_sync<MG>();
         if (warp < G) {
             float m;
             const float l = warp_exp_row(sc[warp], sc[warp] + RKA_CH / 2, sa, lane, m);
             if (lane == 0) sl[warp] = l;
         }
-        __syncthreads();
+        rka_sync<MG>();
         for (u32 i = t; i < G * hd; i += RKA_T) {
             const u32 g = i / hd, dd = i % hd, st = hd + 2;
             const float* p0 = c.scratch + (u64)(h * G + g) * S * st + 2 + dd;
@@ -563,15 +602,22 @@ template <bool F16, u32 KJ> __device__ void rope_kv_attn_body(const Ctx& c, cons
 // Any head_dim up to 128, and head_dim <= 64 (`_64`: half the K registers, at most 80
 // registers so that the block fits an SM beside two quantized matvec blocks, which hold
 // their SM while this launch's blocks wait on them).
+// The launch's own body: its PDL wait (and trigger), its block index as the unit.
+template <bool F16, u32 KJ> __device__ __forceinline__ void rope_kv_attn_launch(const Ctx& c, const RopeKvAttn& f) {
+    rope_kv_attn_body<F16, KJ, false>(c, f, blockIdx.x, c.aux, [] {
+        PDL_WAIT_ONLY();
+        PDL_TRIGGER();
+    });
+}
 extern "C" __global__ void __launch_bounds__(RKA_T) rope_kv_attn_f32(const Ctx c, const RopeKvAttn f) {
-    rope_kv_attn_body<false, 8>(c, f);
+    rope_kv_attn_launch<false, 8>(c, f);
 }
 extern "C" __global__ void __launch_bounds__(RKA_T) rope_kv_attn_f16(const Ctx c, const RopeKvAttn f) {
-    rope_kv_attn_body<true, 8>(c, f);
+    rope_kv_attn_launch<true, 8>(c, f);
 }
 extern "C" __global__ void __launch_bounds__(RKA_T, 3) rope_kv_attn_64_f32(const Ctx c, const RopeKvAttn f) {
-    rope_kv_attn_body<false, 4>(c, f);
+    rope_kv_attn_launch<false, 4>(c, f);
 }
 extern "C" __global__ void __launch_bounds__(RKA_T, 3) rope_kv_attn_64_f16(const Ctx c, const RopeKvAttn f) {
-    rope_kv_attn_body<true, 4>(c, f);
+    rope_kv_attn_launch<true, 4>(c, f);
 }

@@ -3,6 +3,7 @@
 //! without a GPU, and fail when `SAMEPAGE_REQUIRE_GPU=1` is set and none is found.
 mod conformance;
 mod graph;
+mod mega;
 mod mvp;
 mod safety;
 mod zero_copy;
