@@ -609,8 +609,19 @@ struct RopeKv {
 // SAFETY: #[repr(C)] of 4-byte scalars, no padding.
 unsafe impl samepage_abi::Pod for RopeKv {}
 
-/// Rotated pairs a head of `rope_kv` at most (n_rot <= 256).
+/// Rotated pairs a head of `rope_kv` and `rope` at most (n_rot <= 256).
 const RK_PAIRS: usize = 128;
+
+/// `struct RopeT` of `cu/ops.cu`: a rope op and its pairs' frequencies ([`freq_table`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeT {
+    r: abi::Rope,
+    hi: [f32; RK_PAIRS],
+    lo: [f32; RK_PAIRS],
+}
+// SAFETY: #[repr(C)] of 4-byte scalars, no padding.
+unsafe impl samepage_abi::Pod for RopeT {}
 
 /// Pair j's rotation frequency (f64, [`samepage_backend::rope::rope_freqs`]) as two f32,
 /// `hi[j] + lo[j]` (48 of its 53 bits), for the kernels' `rope_sincos`: they then need a
@@ -1819,7 +1830,10 @@ pub(crate) fn launch_op(k: &Kernels, stream: &CudaStream, mut c: KCtx, op: &Op) 
                 go(stream, &k.matmul[m.dtype as usize], c, m, lc, "matmul")
             }
         }
-        Op::Rope(r) => go(stream, &k.rope, c, r, cfg(r.n as u64, 256)?, "rope"),
+        Op::Rope(r) => {
+            let (hi, lo) = freq_table(&r);
+            go(stream, &k.rope, c, RopeT { r, hi, lo }, cfg(r.n as u64, 256)?, "rope")
+        }
         Op::KvStore(s) => go(
             stream,
             &k.kv_store,

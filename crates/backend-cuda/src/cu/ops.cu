@@ -56,25 +56,6 @@ extern "C" __global__ void rmsnorm(const Ctx c, const RmsNorm r) {
     for (u32 d = threadIdx.x; d < r.dim; d += B) out[d] = x[d] * inv * w[d];
 }
 
-// Frequencies in f64, as Hugging Face's `_compute_llama3_parameters` does.
-__device__ double rope_freq(const Rope& r, u32 j) {
-    double freq = pow((double)r.freq_base, -2.0 * (double)j / (double)r.n_rot);
-    if (r.scaling_factor > 0.0f) {
-        double factor = r.scaling_factor, low = r.low_freq_factor, high = r.high_freq_factor;
-        double oc = r.original_context;
-        double lw = oc / low, hw = oc / high;
-        double wavelen = 2.0 * 3.14159265358979323846 / freq;
-        if (wavelen < hw) {
-        } else if (wavelen > lw) {
-            freq = freq / factor;
-        } else {
-            double smooth = (oc / wavelen - low) / (high - low);
-            freq = (1.0 - smooth) * freq / factor + smooth * freq;
-        }
-    }
-    return freq;
-}
-
 // The elements of rotated pair j of a head: (2j, 2j + 1) interleaved, (j, j + half) split.
 __device__ __forceinline__ void rope_pair(const Rope& r, u32 j, u32& a, u32& b) {
     const u32 half = r.n_rot / 2;
@@ -82,42 +63,9 @@ __device__ __forceinline__ void rope_pair(const Rope& r, u32 j, u32& a, u32& b) 
     b = r.mode == 0 ? 2 * j + 1 : j + half;
 }
 
-// The cosines and sines of position p for pairs j < n_rot / 2 into cs / sn (f64 math, as
-// Hugging Face), by the block's threads; the caller synchronises before reading them.
-__device__ void rope_angles(const Rope& r, u32 p, float* cs, float* sn) {
-    for (u32 j = threadIdx.x; j < r.n_rot / 2; j += blockDim.x) {
-        double s, co;
-        sincos((double)p * rope_freq(r, j), &s, &co);
-        cs[j] = (float)co;
-        sn[j] = (float)s;
-    }
-}
-
-// grid: n blocks, one per token. The token's n_rot / 2 angles are computed once (f64)
-// into shared memory, then the block's threads rotate every head's pairs: the f64
-// pow/sincos runs once per token, not once per head.
-extern "C" __global__ void rope(const Ctx c, const Rope r) {
-    PDL_ENTER();
-    __shared__ float cs[128], sn[128];
-    const u32 i = blockIdx.x, half = r.n_rot / 2;
-    const u32 p = r.n == 1 ? tok_word(c, 0, r.positions) : at<u32>(c, r.positions)[i];
-    rope_angles(r, p, cs, sn);
-    __syncthreads();
-    float* v0 = at<float>(c, r.x) + (u64)i * r.n_heads * r.head_dim;
-    for (u32 t = threadIdx.x; t < r.n_heads * half; t += blockDim.x) {
-        const u32 h = t / half, j = t % half;
-        float* v = v0 + (u64)h * r.head_dim;
-        u32 a, b;
-        rope_pair(r, j, a, b);
-        const float x0 = v[a], x1 = v[b], fc = cs[j], fs = sn[j];
-        v[a] = x0 * fc - x1 * fs;
-        v[b] = x0 * fs + x1 * fc;
-    }
-}
-
-// sin and cos of p * freq, as rope_angles' f64 values rounded to f32, without pow,
-// divisions or a library sincos (their dependent f64 latency was ~2 us of a decode step):
-// freq comes from the host (`samepage_backend::rope::rope_freqs`), the angle is reduced
+// sin and cos of p * freq in f64 (as Hugging Face computes them) rounded to f32, without
+// pow, divisions or a library sincos (their dependent f64 latency was ~2 us of a decode
+// step): freq comes from the host (`samepage_backend::rope::rope_freqs`), the angle is reduced
 // by pi / 2 in f64 (Cody-Waite, two parts), and sin and cos of the remainder
 // (|r| <= pi / 4) are their Taylor series to r^15 and r^16 (truncation below 1e-16),
 // swapped and negated by the quadrant.
@@ -146,6 +94,33 @@ __device__ __forceinline__ void rope_sincos(double freq, u32 p, float& sn, float
     const double sa = q & 1u ? cv : sv, ca = q & 1u ? sv : cv;
     sn = (float)(q == 1u || q == 0u ? sa : -sa);
     cs = (float)(q == 0u || q == 3u ? ca : -ca);
+}
+
+// rope's launch parameters: the op, and pair j's frequency hi[j] + lo[j] (two f32 of the
+// host's f64, exec.rs `freq_table`; n_rot <= 256).
+struct RopeT { Rope r; float hi[128], lo[128]; };
+
+// grid: n blocks, one per token. The token's n_rot / 2 sines and cosines are computed
+// once into shared memory (`rope_sincos`), then the block's threads rotate every head's
+// pairs.
+extern "C" __global__ void rope(const Ctx c, const RopeT t) {
+    PDL_ENTER();
+    const Rope& r = t.r;
+    __shared__ float cs[128], sn[128];
+    const u32 i = blockIdx.x, half = r.n_rot / 2;
+    const u32 p = r.n == 1 ? tok_word(c, 0, r.positions) : at<u32>(c, r.positions)[i];
+    for (u32 j = threadIdx.x; j < half; j += blockDim.x) rope_sincos((double)t.hi[j] + (double)t.lo[j], p, sn[j], cs[j]);
+    __syncthreads();
+    float* v0 = at<float>(c, r.x) + (u64)i * r.n_heads * r.head_dim;
+    for (u32 k = threadIdx.x; k < r.n_heads * half; k += blockDim.x) {
+        const u32 h = k / half, j = k % half;
+        float* v = v0 + (u64)h * r.head_dim;
+        u32 a, b;
+        rope_pair(r, j, a, b);
+        const float x0 = v[a], x1 = v[b], fc = cs[j], fs = sn[j];
+        v[a] = x0 * fc - x1 * fs;
+        v[b] = x0 * fs + x1 * fc;
+    }
 }
 
 // rope_head with pair j's frequency hi[j] + lo[j] (two f32 of the host's f64).
