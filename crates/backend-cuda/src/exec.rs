@@ -1443,13 +1443,10 @@ unsafe impl samepage_abi::Pod for Mega {}
 const MG_PREV: u64 = 1024;
 const MG_XMAX: u32 = 8192;
 
-/// A [`MvStep`] as a megakernel phase, for `blocks` blocks: f16 or bf16 W of one dtype
-/// (`dt`), the `mvp` shape with 8 chunks a lane and P of 1, 2 or 4 parts a row (a stage of
-/// 8 / P rows is one 32 KiB ring slot), x within `MG_XMAX` floats, everything 16-byte aligned,
-/// a fixed norm weight. `None` otherwise.
-pub(crate) fn mega_mv_phase(base: u64, ops: &[Op], s: MvStep, dt: DType, blocks: u32) -> Option<MegaPhase> {
+/// A [`MvStep`]'s parts (`ops`: exactly its ops): its matmuls, the rmsnorm before them and
+/// the swiglu after them, where it has them.
+fn mv_parts(ops: &[Op], s: MvStep) -> (Vec<abi::Matmul>, Option<abi::RmsNorm>, Option<abi::SwiGlu>) {
     let off = s.norm as usize;
-    let ms = matmuls(&ops[off..off + s.len]);
     let norm = match ops[0] {
         Op::RmsNorm(r) if s.norm => Some(r),
         _ => None,
@@ -1458,6 +1455,15 @@ pub(crate) fn mega_mv_phase(base: u64, ops: &[Op], s: MvStep, dt: DType, blocks:
         Some(Op::SwiGlu(x)) if s.swiglu => Some(*x),
         _ => None,
     };
+    (matmuls(&ops[off..off + s.len]), norm, sw)
+}
+
+/// A [`MvStep`] as a megakernel phase, for `blocks` blocks: f16 or bf16 W of one dtype
+/// (`dt`), the `mvp` shape with 8 chunks a lane and P of 1, 2 or 4 parts a row (a stage of
+/// 8 / P rows is one 32 KiB ring slot), x within `MG_XMAX` floats, everything 16-byte aligned,
+/// a fixed norm weight. `None` otherwise.
+pub(crate) fn mega_mv_phase(base: u64, ops: &[Op], s: MvStep, dt: DType, blocks: u32) -> Option<MegaPhase> {
+    let (ms, norm, sw) = mv_parts(ops, s);
     let m0 = *ms.first()?;
     if !s.w_fixed || (s.norm && !s.nw_fixed) || ms.len() > 3 || blocks < 32 {
         return None;
@@ -1552,15 +1558,7 @@ pub(crate) fn mega_attn_phase(c: &KCtx, ops: &[Op], blocks: u32) -> Option<MegaP
 /// gate/up/swiglu path), one after the other.
 pub(crate) fn launch_mv(k: &Kernels, stream: &CudaStream, c: KCtx, ops: &[Op], s: MvStep) -> Result<(), OpError> {
     let off = s.norm as usize;
-    let ms = matmuls(&ops[off..off + s.len]);
-    let norm = match ops[0] {
-        Op::RmsNorm(r) if s.norm => Some(r),
-        _ => None,
-    };
-    let sw = match ops.get(off + 2) {
-        Some(Op::SwiGlu(x)) if s.swiglu => Some(*x),
-        _ => None,
-    };
+    let (ms, norm, sw) = mv_parts(ops, s);
     if s.w_fixed {
         if let Some((g, f, blocks, smem)) = mvp_plan(k, c.base, &ms, norm, sw, s.nw_fixed) {
             let mut lc = cfg(blocks, 256)?;

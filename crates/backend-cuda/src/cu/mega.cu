@@ -198,6 +198,8 @@ __device__ void mg_mv(const Ctx& c, const MvPipe& g, u32 G, u32& it, u8* smem, u
         asm volatile("bar.sync %0, 128;" ::"r"(2 + grp) : "memory");
         if (gt == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bempty + 8 * slot) : "memory");
         if (dry) continue;
+        // The outputs as mvp_body's epilogue writes them (mvp.cu; a shared function changed
+        // ptxas's register allocation there: mvp_bf16_8 spilled).
         const u32 v0 = (s * G + blockIdx.x) * R;
         const float* pv = prev + s * R;
         u32 mi, row;
@@ -240,6 +242,7 @@ __device__ void mg_produce(const Ctx& c, const Mega& m, u32 G, u32 sbase, u32 bf
             }
             __threadfence_block();
             *issued = it + 1;
+            // The copies as mvp_body's `issue` makes them (rows of one dtype).
             const u32 v0 = (s * G + blockIdx.x) * R;
             if (g.pair) {
                 const u32 j0 = v0 / 2, h = min(R / 2, (N - v0) / 2);
