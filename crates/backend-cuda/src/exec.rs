@@ -1023,6 +1023,36 @@ pub(crate) struct MvPipe {
 // SAFETY: #[repr(C)] of 4-byte scalars (Matmul is such a struct), no padding.
 unsafe impl samepage_abi::Pod for MvPipe {}
 
+impl MvPipe {
+    /// The descriptor's matrices (1-3, their rows concatenated: `rend`), parts and rows a
+    /// stage, the fused rmsnorm and swiglu, and whether any matrix has a bias or
+    /// accumulates (`pre`); `None` past u32 rows. The caller sets the launch's fields.
+    fn new(ms: &[abi::Matmul], p: u32, r: u32, norm: Option<abi::RmsNorm>, sw: Option<abi::SwiGlu>) -> Option<MvPipe> {
+        let mut g = MvPipe {
+            count: ms.len() as u32,
+            p,
+            r,
+            ..Default::default()
+        };
+        let mut rows = 0u64;
+        for (i, m) in ms.iter().enumerate() {
+            g.m[i] = *m;
+            rows += m.m as u64;
+            g.rend[i] = u32::try_from(rows).ok()?;
+        }
+        if let Some(x) = sw {
+            (g.pair, g.sw_out) = (1, x.out);
+        }
+        if let Some(n) = norm {
+            (g.norm, g.nx, g.nw, g.nout, g.eps) = (1, n.x, n.weight, n.out, n.eps);
+        }
+        g.pre = ms
+            .iter()
+            .any(|m| m.flags & (abi::MATMUL_BIAS | abi::MATMUL_ACCUMULATE) != 0) as u32;
+        Some(g)
+    }
+}
+
 /// A record-time matvec step: `ops[at..]` holds an rmsnorm (if `norm`), `len` (1-3)
 /// single-token matvecs over one x (its output, with `norm`), and a swiglu of the gate/up
 /// pair (if `swiglu`). `w_fixed`: no op of the whole graph writes any of their W, so the
@@ -1333,36 +1363,16 @@ fn mvp_plan<'k>(
     if !ms.iter().all(|m| al(m.w) && al(m.x)) || norm.is_some_and(|n| !(al(n.x) && al(n.weight) && al(n.out))) {
         return None;
     }
-    let mut g = MvPipe {
-        count: ms.len() as u32,
-        p,
-        r,
-        vmix: u32::try_from(before).ok()?,
-        ..Default::default()
-    };
-    let mut rows = 0u64;
-    for (i, m) in ms.iter().enumerate() {
-        g.m[i] = *m;
-        rows += m.m as u64;
-        g.rend[i] = u32::try_from(rows).ok()?;
-    }
-    if let Some(s) = sw {
-        g.pair = 1;
-        g.sw_out = s.out;
-    }
-    if let Some(n) = norm {
-        (g.norm, g.nx, g.nw, g.nout, g.eps) = (1, n.x, n.weight, n.out, n.eps);
-    }
+    let mut g = MvPipe::new(ms, p, r, norm, sw)?;
+    g.vmix = u32::try_from(before).ok()?;
+    let rows = g.rend[ms.len() - 1] as u64;
     // With the rmsnorm, block b < J * P also writes segment b (256 elements) of its
     // output, so there are at least J * P blocks (a block past the last stage does only that).
     let least = if norm.is_some() { (j * p) as u64 } else { 1 };
     let blocks = (k.sms.max(1) as u64 * bps).min(rows.div_ceil(r as u64)).max(least);
-    // Stages per block (at most), and whether the rows' bias or old values are read first.
+    // Stages per block (at most).
     let per_block = rows.div_ceil(r as u64).div_ceil(blocks) as u32;
-    let pre = ms
-        .iter()
-        .any(|m| m.flags & (abi::MATMUL_BIAS | abi::MATMUL_ACCUMULATE) != 0);
-    g.pre = pre as u32;
+    let pre = g.pre != 0;
     // The stages, x (and the norm weight) as f32, the rows' bias / old values: as many
     // stages as the knob asks, but no more than let two blocks share an SM (so the next
     // launch's blocks start streaming before this one's end), and at least 2.
@@ -1480,32 +1490,12 @@ pub(crate) fn mega_mv_phase(base: u64, ops: &[Op], s: MvStep, dt: DType, blocks:
         return None;
     }
     let r = 8 / p;
-    let mut g = MvPipe {
-        count: ms.len() as u32,
-        p,
-        r,
-        ..Default::default()
-    };
-    let mut rows = 0u64;
-    for (i, m) in ms.iter().enumerate() {
-        g.m[i] = *m;
-        rows += m.m as u64;
-        g.rend[i] = u32::try_from(rows).ok()?;
-    }
-    g.vmix = g.rend[ms.len() - 1];
-    if let Some(x) = sw {
-        (g.pair, g.sw_out) = (1, x.out);
-    }
-    if let Some(n) = norm {
-        (g.norm, g.nx, g.nw, g.nout, g.eps) = (1, n.x, n.weight, n.out, n.eps);
-    }
-    let pre = ms
-        .iter()
-        .any(|m| m.flags & (abi::MATMUL_BIAS | abi::MATMUL_ACCUMULATE) != 0);
-    if pre && rows.div_ceil(r as u64).div_ceil(blocks as u64) * r as u64 > MG_PREV {
+    let mut g = MvPipe::new(&ms, p, r, norm, sw)?;
+    let rows = g.rend[ms.len() - 1] as u64;
+    g.vmix = rows as u32;
+    if g.pre != 0 && rows.div_ceil(r as u64).div_ceil(blocks as u64) * r as u64 > MG_PREV {
         return None;
     }
-    g.pre = pre as u32;
     Some(MegaPhase {
         kind: 0,
         op: 0,
@@ -1973,6 +1963,42 @@ mod tests {
 
     /// The pipelined matvec's part shapes: k = 256 J P with J <= 8 registers' worth of x
     /// per lane and the fewest parts; none where k has no such split.
+    /// A pipelined matvec's descriptor: the matrices' rows concatenated, the fused norm
+    /// and swiglu, `pre` when one matrix accumulates; rows past u32 refused.
+    #[test]
+    fn mv_pipe_descriptor() {
+        let mm = |m, flags| samepage_abi::Matmul {
+            m,
+            k: 2048,
+            flags,
+            ..Default::default()
+        };
+        let g = super::MvPipe::new(&[mm(2048, 0), mm(512, 0), mm(512, 0)], 1, 8, None, None).unwrap();
+        assert_eq!(
+            (g.count, g.rend, g.pre, g.pair, g.norm),
+            (3, [2048, 2560, 3072], 0, 0, 0)
+        );
+        let sw = samepage_abi::SwiGlu {
+            out: 64,
+            ..Default::default()
+        };
+        let n = samepage_abi::RmsNorm {
+            x: 16,
+            weight: 32,
+            out: 48,
+            eps: 1e-5,
+            ..Default::default()
+        };
+        let g = super::MvPipe::new(&[mm(8192, 0), mm(8192, 0)], 1, 8, Some(n), Some(sw)).unwrap();
+        assert_eq!(
+            (g.rend[1], g.pair, g.sw_out, g.norm, g.nx, g.nw, g.nout),
+            (16384, 1, 64, 1, 16, 32, 48)
+        );
+        let g = super::MvPipe::new(&[mm(2048, samepage_abi::MATMUL_ACCUMULATE)], 4, 2, None, None).unwrap();
+        assert_eq!((g.pre, g.p, g.r), (1, 4, 2));
+        assert!(super::MvPipe::new(&[mm(u32::MAX, 0), mm(2, 0)], 1, 8, None, None).is_none());
+    }
+
     #[test]
     fn mvp_shapes() {
         assert_eq!(super::mvp_shape(2048), Some((8, 1)));
