@@ -346,6 +346,9 @@ template <bool MG> __device__ __forceinline__ void rka_sync() {
     else __syncthreads();
 }
 
+// A value an earlier step of the launch may have written: ld.cg in the megakernel.
+template <bool MG> __device__ __forceinline__ float rka_ld(const float* p) { return MG ? __ldcg(p) : *p; }
+
 // `last_block` for threads 0 .. RKA_T (`rka_sync`).
 template <bool MG> __device__ bool rka_last_block(u32* cnt, u32 n) {
     __shared__ u32 last;
@@ -364,9 +367,9 @@ template <bool MG> __device__ bool rka_last_block(u32* cnt, u32 n) {
 
 // KJ: float4 columns of a K row per thread (4 threads a position): head_dim <= 16 KJ.
 // unit: the block's (KV head, split) = (unit / S, unit % S); aux as the launch's c.aux.
-// wait(): the PDL wait (own launch), or the megakernel's barrier before the step. Values
-// the steps before wrote (q, k, v) are read with ld.cg: in the megakernel the same
-// addresses were read by an earlier layer, and L1 does not see other SMs' writes.
+// wait(): the PDL wait (own launch), or the megakernel's barrier before the step. In the
+// megakernel, values the steps before wrote (q, k, v) are read with ld.cg (`rka_ld`): an
+// earlier layer read the same addresses, and L1 does not see other SMs' writes.
 template <bool F16, u32 KJ, bool MG, class Wait>
 __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u32 aux, Wait wait) {
     __shared__ float cs[64], sn[64];
@@ -434,7 +437,7 @@ __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u
         float* v = hh == G ? kx : qx + (u64)hh * hd;
         u32 ia, ib;
         rope_pair(f.q, j, ia, ib);
-        const float x0 = __ldcg(v + ia), x1 = __ldcg(v + ib);
+        const float x0 = rka_ld<MG>(v + ia), x1 = rka_ld<MG>(v + ib);
         const float y0 = x0 * cs[j] - x1 * sn[j], y1 = x0 * sn[j] + x1 * cs[j];
         if (hh < G) {
             qr[hh][ia] = y0;
@@ -451,16 +454,16 @@ __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u
     for (u32 i = t; i < (G + writer) * rest; i += RKA_T) {
         const u32 hh = i / rest, d = 2 * half + i % rest;
         if (hh < G) {
-            const float x = __ldcg(qx + (u64)hh * hd + d);
+            const float x = rka_ld<MG>(qx + (u64)hh * hd + d);
             qr[hh][d] = x;
             qs[hh][d] = x * a.scale;
         } else {
-            kvs[0][d] = cache_round<F16>(__ldcg(kx + d));
+            kvs[0][d] = cache_round<F16>(rka_ld<MG>(kx + d));
         }
     }
     if (writer) {
         const float* vx = at<float>(c, s.v) + (u64)h * hd;
-        for (u32 d = t; d < hd; d += RKA_T) kvs[1][d] = cache_round<F16>(__ldcg(vx + d));
+        for (u32 d = t; d < hd; d += RKA_T) kvs[1][d] = cache_round<F16>(rka_ld<MG>(vx + d));
     }
     rka_sync<MG>(); // k rotated in place, kvs, qs
     tl_guard_.mark(4);
