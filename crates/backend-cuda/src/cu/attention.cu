@@ -467,8 +467,10 @@ __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u
     }
     rka_sync<MG>(); // k rotated in place, kvs, qs
     tl_guard_.mark(4);
-    // The kv_store: the rows as the cache holds them (kvs: k rotated, both rounded).
-    if (writer) {
+    // The kv_store: in the megakernel the rows as the cache holds them (kvs: k rotated,
+    // both rounded; `store_kv_head` strides over the whole block, producer warp included).
+    if (writer && !MG) store_kv_head(c, s, (u64)h * hd, ((u64)h * s.ctx + pos) * hd);
+    if (writer && MG) {
         const u64 dst = ((u64)h * s.ctx + pos) * hd;
         for (u32 d = t; d < hd; d += RKA_T) {
             if (F16) {
