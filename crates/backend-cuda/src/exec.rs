@@ -684,6 +684,19 @@ unsafe impl samepage_abi::Pod for RopeKvAttn {}
 /// Rotated pairs a head of the fused decode attention at most (head_dim <= 128).
 const RKA_PAIRS: usize = 64;
 
+impl Default for RopeKvAttn {
+    fn default() -> RopeKvAttn {
+        RopeKvAttn {
+            q: Default::default(),
+            k: Default::default(),
+            s: Default::default(),
+            a: Default::default(),
+            fhi: [0.0; RKA_PAIRS],
+            flo: [0.0; RKA_PAIRS],
+        }
+    }
+}
+
 impl RopeKvAttn {
     fn new(q: abi::Rope, k: abi::Rope, s: abi::KvStore, a: abi::Attention) -> RopeKvAttn {
         let (fhi, flo) = freq_table(&q);
@@ -771,6 +784,23 @@ pub(crate) fn rope_kv_attn_fusable(ops: &[Op]) -> bool {
     others.iter().all(|r| !overlap(out, *r))
 }
 
+/// The fused decode attention's splits, its launch word (`c.aux`: the splits, `early` in
+/// bit 17, the minimum positions a split in bits 24-31) and whether its caches are f16, where the
+/// caches are aligned for its vector loads and the split merge has its counters; `None`
+/// otherwise (the ops then run unfused).
+fn rka_aux(c: &KCtx, a: &abi::Attention, early: bool) -> Option<(u32, u32, bool)> {
+    let splits = rka_splits(a);
+    let f16 = attention_dec_fits(c.base, a).filter(|_| splits == 1 || c.counters != 0)?;
+    // `SAMEPAGE_CUDA_ATTN_MIN=N`: at least N positions a split (8-256, a multiple of 8),
+    // in aux bits 24-31 as N / 8; by default the kernel's 64 up to 256 positions, 32
+    // beyond. On an H100 (tg128, two rounds in one call), 64 against 32: Q4_K_M 1509/1516
+    // vs 1469/1484 tok/s from an empty context, but 1456/1459 vs 1464/1467 at depth 512;
+    // bf16 875/877 vs 869/873 and 857/857 vs 855/863. 128 lost 9-10% at depth 512.
+    static MIN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let min = *MIN.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN_MIN").map_or(0, |v| (v.clamp(8, 256) / 8) as u32));
+    Some((splits, splits | (early as u32) << 17 | min << 24, f16))
+}
+
 /// Enqueue ops accepted by [`rope_kv_attn_fusable`]: one launch where the caches are
 /// aligned for the kernel's vector loads (and the split merge has its counters), else
 /// rope_kv and attention (`c.op`: the kv_store's; `c.tmap` slots: q.positions,
@@ -788,18 +818,9 @@ pub(crate) fn launch_rope_kv_attn(
     let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s), Op::Attention(a)] = *ops else {
         return Err(OpError::runtime("cuda: not a rope/rope/kv_store/attention group"));
     };
-    let splits = rka_splits(&a);
-    if let Some(f16) = attention_dec_fits(c.base, &a).filter(|_| splits == 1 || c.counters != 0) {
+    if let Some((splits, aux, f16)) = rka_aux(&c, &a, early) {
         let f = RopeKvAttn::new(q, kr, s, a);
-        // `SAMEPAGE_CUDA_ATTN_MIN=N`: at least N positions a split (8-256, a multiple of
-        // 8), in aux bits 24-31 as N / 8; by default the kernel's 64 up to 256 positions,
-        // 32 beyond. On an H100 (tg128, two rounds in one call), 64 against 32: Q4_K_M
-        // 1509/1516 vs 1469/1484 tok/s from an empty context, but 1456/1459 vs 1464/1467
-        // at depth 512; bf16 875/877 vs 869/873 and 857/857 vs 855/863. 128 lost 9-10%
-        // at depth 512.
-        static MIN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-        let min = *MIN.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN_MIN").map_or(0, |v| (v.clamp(8, 256) / 8) as u32));
-        c.aux = splits | (early as u32) << 17 | min << 24;
+        c.aux = aux;
         // The narrow kernel (head_dim <= 64, 80 registers) after a quantized matvec step,
         // whose blocks it can start beside: Q8_0 tg128 at depth 512 1284/1283 tok/s vs
         // 1258/1255 with the wide one, Q4_K_M 1445/1451 vs 1426/1426; after bf16 it was
@@ -1359,8 +1380,7 @@ fn mvp_plan<'k>(
     if sw.is_some() && (ms.len() != 2 || !r.is_multiple_of(2)) {
         return None;
     }
-    let al = |off: u32| (base + off as u64).is_multiple_of(16);
-    if !ms.iter().all(|m| al(m.w) && al(m.x)) || norm.is_some_and(|n| !(al(n.x) && al(n.weight) && al(n.out))) {
+    if !mv_aligned(base, ms, norm) {
         return None;
     }
     let mut g = MvPipe::new(ms, p, r, norm, sw)?;
@@ -1419,7 +1439,7 @@ fn mvp_plan<'k>(
 /// (`kind` 0, `mv`) or a fused attention step (1, `at` with the launch's `aux`), with the
 /// step's op index and per-token slot map.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub(crate) struct MegaPhase {
     pub kind: u32,
     pub op: u32,
@@ -1453,6 +1473,13 @@ unsafe impl samepage_abi::Pod for Mega {}
 const MG_PREV: u64 = 1024;
 const MG_XMAX: u32 = 8192;
 
+/// Whether the matrices' W and x and the rmsnorm's x, weight and out are 16-byte aligned
+/// (the pipelined kernels' bulk copies and vector loads).
+fn mv_aligned(base: u64, ms: &[abi::Matmul], norm: Option<abi::RmsNorm>) -> bool {
+    let al = |off: u32| (base + off as u64).is_multiple_of(16);
+    ms.iter().all(|m| al(m.w) && al(m.x)) && norm.is_none_or(|n| al(n.x) && al(n.weight) && al(n.out))
+}
+
 /// A [`MvStep`]'s parts (`ops`: exactly its ops): its matmuls, the rmsnorm before them and
 /// the swiglu after them, where it has them.
 fn mv_parts(ops: &[Op], s: MvStep) -> (Vec<abi::Matmul>, Option<abi::RmsNorm>, Option<abi::SwiGlu>) {
@@ -1485,8 +1512,7 @@ pub(crate) fn mega_mv_phase(base: u64, ops: &[Op], s: MvStep, dt: DType, blocks:
     if j != 8 || !matches!(p, 1 | 2 | 4) || m0.k > MG_XMAX || (sw.is_some() && ms.len() != 2) {
         return None;
     }
-    let al = |off: u32| (base + off as u64).is_multiple_of(16);
-    if !ms.iter().all(|m| al(m.w) && al(m.x)) || norm.is_some_and(|n| !(al(n.x) && al(n.weight) && al(n.out))) {
+    if !mv_aligned(base, &ms, norm) {
         return None;
     }
     let r = 8 / p;
@@ -1497,22 +1523,8 @@ pub(crate) fn mega_mv_phase(base: u64, ops: &[Op], s: MvStep, dt: DType, blocks:
         return None;
     }
     Some(MegaPhase {
-        kind: 0,
-        op: 0,
-        tmap: 0,
-        aux: 0,
-        f16: 0,
-        pad: [0; 3],
         mv: g,
-        at: RopeKvAttn {
-            q: Default::default(),
-            k: Default::default(),
-            s: Default::default(),
-            a: Default::default(),
-            fhi: [0.0; RKA_PAIRS],
-            flo: [0.0; RKA_PAIRS],
-        },
-        tail: 0,
+        ..Default::default()
     })
 }
 
@@ -1523,23 +1535,17 @@ pub(crate) fn mega_attn_phase(c: &KCtx, ops: &[Op], blocks: u32) -> Option<MegaP
     let [Op::Rope(q), Op::Rope(kr), Op::KvStore(s), Op::Attention(a)] = *ops else {
         return None;
     };
-    let splits = rka_splits(&a);
-    let f16 = attention_dec_fits(c.base, &a)?;
-    if (splits > 1 && c.counters == 0) || splits as u64 * a.n_kv_heads as u64 > blocks as u64 {
+    // The words are read before the phase's barrier (after the launch's own wait).
+    let (splits, aux, f16) = rka_aux(c, &a, true)?;
+    if splits as u64 * a.n_kv_heads as u64 > blocks as u64 {
         return None;
     }
-    static MIN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let min = *MIN.get_or_init(|| env_num("SAMEPAGE_CUDA_ATTN_MIN").map_or(0, |v| (v.clamp(8, 256) / 8) as u32));
     Some(MegaPhase {
         kind: 1,
-        op: 0,
-        tmap: 0,
-        aux: splits | 1 << 17 | min << 24,
+        aux,
         f16: f16 as u32,
-        pad: [0; 3],
-        mv: MvPipe::default(),
         at: RopeKvAttn::new(q, kr, s, a),
-        tail: 0,
+        ..Default::default()
     })
 }
 
@@ -1961,8 +1967,6 @@ mod tests {
         assert_eq!(super::mvq_stages(2, 5, 4), 2);
     }
 
-    /// The pipelined matvec's part shapes: k = 256 J P with J <= 8 registers' worth of x
-    /// per lane and the fewest parts; none where k has no such split.
     /// A pipelined matvec's descriptor: the matrices' rows concatenated, the fused norm
     /// and swiglu, `pre` when one matrix accumulates; rows past u32 refused.
     #[test]
@@ -1999,6 +2003,8 @@ mod tests {
         assert!(super::MvPipe::new(&[mm(u32::MAX, 0), mm(2, 0)], 1, 8, None, None).is_none());
     }
 
+    /// The pipelined matvec's part shapes: k = 256 J P with J <= 8 registers' worth of x
+    /// per lane and the fewest parts; none where k has no such split.
     #[test]
     fn mvp_shapes() {
         assert_eq!(super::mvp_shape(2048), Some((8, 1)));

@@ -136,8 +136,8 @@ impl Drop for Staged {
 }
 
 /// The decode megakernel's run of steps (`mega_plan`): steps `first..last` are one launch
-/// of `mega_<dt>_<cache dt>` (`kernel`: its index in `Kernels::mega`) over the phases in `buf` (managed memory, written here once: the
-/// barrier words, then the phases).
+/// of `mega_<dt>_<cache dt>` (`kernel`: its index in `Kernels::mega`) over the phases in
+/// `buf` (managed memory, written here once: the barrier words, then the phases).
 struct MegaRun {
     first: usize,
     last: usize,
@@ -246,7 +246,9 @@ impl CudaOpGraph {
     }
 
     fn capture(&mut self, base: u64) -> Result<CudaGraph, OpError> {
-        let _ = self.inner.stream.synchronize(); // a previous run's phases may be in use
+        // A previous run may still read the old phases, and the new ones are written from
+        // the host: both after the stream's work (once per capture).
+        let _ = self.inner.stream.synchronize();
         self.mega = None;
         self.mega = self.mega_plan(base)?;
         let inner = &self.inner;
@@ -301,9 +303,10 @@ impl CudaOpGraph {
 
     /// The run of steps the decode megakernel takes (cu/mega.cu), with its phases written
     /// to a managed buffer and moved to the GPU; `None` where it does not apply: not
-    /// switched on (`SAMEPAGE_CUDA_MEGA=1`, `CudaBackend::set_megakernel`), below sm_90, not a single-token graph, or no run of
-    /// matvec steps (`exec::mega_mv_phase`, of one dtype) and fused attention steps
-    /// (`exec::mega_attn_phase`) with an attention and at least three steps.
+    /// switched on (`SAMEPAGE_CUDA_MEGA=1`, `CudaBackend::set_megakernel`), below sm_90,
+    /// not a single-token graph, or no run of matvec steps (`exec::mega_mv_phase`, of one
+    /// dtype) and fused attention steps (`exec::mega_attn_phase`) with an attention and at
+    /// least three steps.
     fn mega_plan(&self, base: u64) -> Result<Option<MegaRun>, OpError> {
         let inner = &self.inner;
         let k = &inner.kernels;
@@ -333,8 +336,6 @@ impl CudaOpGraph {
             };
             ph.op = first as u32;
             ph.tmap = self.staged.as_ref().map_or(u32::MAX, |st| st.tmaps[j]);
-            // The attention reads its words before the barrier: they must be staged (or in
-            // the region, read after the launch's own wait).
             Some(ph)
         };
         // The longest run of steps that are phases, with an attention in it.
@@ -381,15 +382,16 @@ impl CudaOpGraph {
             buf,
             n: list.len() as u32,
         };
-        // SAFETY: `buf` is `bytes` of managed memory that no launch uses yet (the stream
-        // was synchronised), writable from the host; MegaPhase is plain old data.
+        // SAFETY: `buf` is `bytes` of managed memory that no launch uses yet (the stream was
+        // synchronised), writable from the host; MegaPhase is plain old data, `list` holds `list.len() * size` bytes.
         unsafe {
             let p = buf as *mut u8;
             std::ptr::write_bytes(p, 0, MEGA_PH_OFF as usize);
-            for (i, ph) in list.iter().enumerate() {
-                let src = std::slice::from_raw_parts(ph as *const exec::MegaPhase as *const u8, size);
-                std::ptr::copy_nonoverlapping(src.as_ptr(), p.add(MEGA_PH_OFF as usize + i * size), size);
-            }
+            std::ptr::copy_nonoverlapping(
+                list.as_ptr() as *const u8,
+                p.add(MEGA_PH_OFF as usize),
+                list.len() * size,
+            );
         }
         inner.advise(buf, bytes, crate::hint::DEVICE);
         inner.queue_prefetch(buf, bytes);

@@ -313,11 +313,9 @@ extern "C" __global__ void __launch_bounds__(ATD_T) attention_dec_f16(const Ctx 
 // fhi[j] + flo[j]: pair j's frequency in f64 (exec.rs `RopeKvAttn::new`).
 struct RopeKvAttn { Rope q, k; KvStore s; Attention a; float fhi[64], flo[64]; };
 
-// The cosines and sines of position p into cs / sn (`rope_sincos`, from the host's
-// frequencies), by the block's threads.
+// The cosines and sines of position p into cs / sn, by threads 0 .. RKA_T (`rope_angles`).
 __device__ __forceinline__ void rka_angles(const RopeKvAttn& f, u32 p, float* cs, float* sn) {
-    for (u32 j = threadIdx.x; j < f.q.n_rot / 2; j += RKA_T)
-        rope_sincos((double)f.fhi[j] + (double)f.flo[j], p, sn[j], cs[j]);
+    rope_angles(f.fhi, f.flo, f.q.n_rot / 2, p, cs, sn, RKA_T);
 }
 
 template <bool F16> __device__ __forceinline__ float cache_round(float x) {
@@ -348,22 +346,6 @@ template <bool MG> __device__ __forceinline__ void rka_sync() {
 
 // A value an earlier step of the launch may have written: ld.cg in the megakernel.
 template <bool MG> __device__ __forceinline__ float rka_ld(const float* p) { return MG ? __ldcg(p) : *p; }
-
-// `last_block` for threads 0 .. RKA_T (`rka_sync`).
-template <bool MG> __device__ bool rka_last_block(u32* cnt, u32 n) {
-    __shared__ u32 last;
-    __threadfence();
-    rka_sync<MG>();
-    if (threadIdx.x == 0) {
-        const u32 old = atomicAdd(cnt, 1u);
-        last = old == n - 1;
-        if (last) *cnt = 0;
-    }
-    rka_sync<MG>();
-    if (!last) return false;
-    __threadfence();
-    return true;
-}
 
 // KJ: float4 columns of a K row per thread (4 threads a position): head_dim <= 16 KJ.
 // unit: the block's (KV head, split) = (unit / S, unit % S); aux as the launch's c.aux.
@@ -564,7 +546,7 @@ __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u
     }
     tl_guard_.mark(6);
     if (sa > 1) {
-        if (!rka_last_block<MG>(c.counters + h, sa)) return;
+        if (!last_block(c.counters + h, sa, [] { rka_sync<MG>(); })) return;
         // The merge: every split's (max, sum) of the group's heads into shared memory in
         // one round of independent loads (sc is free again, sa <= 64), the weights
         // exp(m_q - M) and the total sum per head, then each output element sums its

@@ -237,16 +237,19 @@ __device__ u32 block_argmax(float bv, u32 bi) {
 // After a block wrote its part of a result (every thread of the block calls this):
 // whether it is the last of `n` blocks to get here, counted in `*cnt`. The last re-arms
 // the counter (zero again for the next launch) and then sees the others' writes.
-__device__ bool last_block(u32* cnt, u32 n) {
+// `sync`: the barrier of the threads taking part (the whole block by default; the
+// megakernel's consumer warps, `rka_sync`).
+struct BlockSync { __device__ void operator()() const { __syncthreads(); } };
+template <class Sync = BlockSync> __device__ bool last_block(u32* cnt, u32 n, Sync sync = Sync()) {
     __shared__ u32 last;
     __threadfence();
-    __syncthreads();
+    sync();
     if (threadIdx.x == 0) {
         const u32 old = atomicAdd(cnt, 1u);
         last = old == n - 1;
         if (last) *cnt = 0;
     }
-    __syncthreads();
+    sync();
     if (!last) return false;
     __threadfence();
     return true;

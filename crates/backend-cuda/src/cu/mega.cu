@@ -51,7 +51,9 @@ static_assert(sizeof(MegaPhase) == 912, "MegaPhase must match exec.rs");
 struct Mega { const MegaPhase* ph; u32* bar; u32 n, pad_; };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mg_sync() { asm volatile("bar.sync 1, %0;" ::"n"(MG_T) : "memory"); }
+// The consumer warps' barrier (named barrier 1), the one the shared attention body uses.
+static_assert(MG_T == RKA_T, "the attention body runs on the consumer warps");
+__device__ __forceinline__ void mg_sync() { rka_sync<true>(); }
 
 __device__ __forceinline__ u32 mg_load_acquire(const u32* p) {
     u32 v;
@@ -291,7 +293,7 @@ template <u32 DT, bool CF16> __device__ void mega_body(const Ctx& c0, const Mega
         return;
     }
     PDL_WAIT_ONLY(); // the kernels before (the staged words, the embedding)
-    u32 it = 0, arrived = 0;
+    u32 it = 0;
     bool dry = false;
     // A phase's descriptor into curs[ph % 2]: 16-byte asynchronous copies, issued one
     // phase ahead (the copy is off the path from one barrier to the next).
@@ -312,11 +314,11 @@ template <u32 DT, bool CF16> __device__ void mega_body(const Ctx& c0, const Mega
         Ctx c = c0;
         c.op = cur.op;
         c.tmap = cur.tmap;
-        // The barrier before the phase: every block has added its count for the phases
-        // before (called once by every consumer thread, or not at all when dry).
+        // The barrier before the phase: every block has added its count for each of the
+        // ph phases before (called once by every consumer thread, or not at all when dry).
         bool waited = false;
         auto wait = [&]() {
-            if (ph > 0 && tid == 0 && !mg_wait_count(c, m, G * arrived, ph)) abort_ = 1;
+            if (ph > 0 && tid == 0 && !mg_wait_count(c, m, G * ph, ph)) abort_ = 1;
             mg_sync();
             waited = true;
         };
@@ -334,7 +336,6 @@ template <u32 DT, bool CF16> __device__ void mega_body(const Ctx& c0, const Mega
         if (ph + 1 == m.n) PDL_TRIGGER();
         mg_sync(); // the phase's writes (and `cur`'s reads) are done
         if (!dry && ph + 1 < m.n && tid == 0) mg_arrive(m.bar);
-        arrived++;
     }
     if (tid == 0) {
         __threadfence();

@@ -96,8 +96,15 @@ __device__ __forceinline__ void rope_sincos(double freq, u32 p, float& sn, float
     cs = (float)(q == 0u || q == 3u ? ca : -ca);
 }
 
-// rope's launch parameters: the op, and pair j's frequency hi[j] + lo[j] (two f32 of the
-// host's f64, exec.rs `freq_table`; n_rot <= 256).
+// The cosines and sines of position p for pairs j < half, from pair j's frequency hi[j] +
+// lo[j] (two f32 of the host's f64, exec.rs `freq_table`), into cs / sn: thread t takes
+// pairs t, t + stride, ...; the caller synchronises before reading them.
+__device__ __forceinline__ void rope_angles(const float* hi, const float* lo, u32 half, u32 p, float* cs, float* sn,
+                                            u32 stride) {
+    for (u32 j = threadIdx.x; j < half; j += stride) rope_sincos((double)hi[j] + (double)lo[j], p, sn[j], cs[j]);
+}
+
+// rope's launch parameters: the op, and its pairs' frequencies (`rope_angles`; n_rot <= 256).
 struct RopeT { Rope r; float hi[128], lo[128]; };
 
 // grid: n blocks, one per token. The token's n_rot / 2 sines and cosines are computed
@@ -109,7 +116,7 @@ extern "C" __global__ void rope(const Ctx c, const RopeT t) {
     __shared__ float cs[128], sn[128];
     const u32 i = blockIdx.x, half = r.n_rot / 2;
     const u32 p = r.n == 1 ? tok_word(c, 0, r.positions) : at<u32>(c, r.positions)[i];
-    for (u32 j = threadIdx.x; j < half; j += blockDim.x) rope_sincos((double)t.hi[j] + (double)t.lo[j], p, sn[j], cs[j]);
+    rope_angles(t.hi, t.lo, half, p, cs, sn, blockDim.x);
     __syncthreads();
     float* v0 = at<float>(c, r.x) + (u64)i * r.n_heads * r.head_dim;
     for (u32 k = threadIdx.x; k < r.n_heads * half; k += blockDim.x) {
@@ -123,8 +130,9 @@ extern "C" __global__ void rope(const Ctx c, const RopeT t) {
     }
 }
 
-// rope_head with pair j's frequency hi[j] + lo[j] (two f32 of the host's f64).
-__device__ void rope_head_tab(const Rope& r, const float* hi, const float* lo, u32 p, float* v) {
+// One head of one token: rotate the pairs of v, pair j's frequency hi[j] + lo[j] (two f32
+// of the host's f64). The pair is loaded before its sine and cosine are computed.
+__device__ void rope_head(const Rope& r, const float* hi, const float* lo, u32 p, float* v) {
     for (u32 j = threadIdx.x; j < r.n_rot / 2; j += blockDim.x) {
         u32 a, b;
         rope_pair(r, j, a, b);
@@ -156,14 +164,14 @@ __device__ void store_kv_head(const Ctx& c, const KvStore& s, u64 src, u64 dst) 
 // `plan`, exec.rs `rope_kv_fusable`): q.n_heads + k.n_heads blocks; a k block rotates its
 // head in place, then (after a barrier: the block's own writes are visible) copies the
 // k and v head into the cache, exactly as the three ops one after another would. The
-// frequencies of q's and k's pairs come from the host (`rope_head_tab`).
+// frequencies of q's and k's pairs come from the host (`rope_head`).
 struct RopeKv { Rope q, k; KvStore s; float qhi[128], qlo[128], khi[128], klo[128]; };
 extern "C" __global__ void rope_kv(const Ctx c, const RopeKv f) {
     PDL_ENTER();
     u32 b = blockIdx.x;
     if (b < f.q.n_heads) {
         u32 p = tok_word(c, 0, f.q.positions);
-        rope_head_tab(f.q, f.qhi, f.qlo, p, at<float>(c, f.q.x) + (u64)b * f.q.head_dim);
+        rope_head(f.q, f.qhi, f.qlo, p, at<float>(c, f.q.x) + (u64)b * f.q.head_dim);
         return;
     }
     const KvStore& s = f.s;
@@ -172,7 +180,7 @@ extern "C" __global__ void rope_kv(const Ctx c, const RopeKv f) {
     u32 pos = tok_word(c, 2, s.pos);
     u32 h = b - f.q.n_heads;
     float* kh = at<float>(c, f.k.x) + (u64)h * f.k.head_dim;
-    rope_head_tab(f.k, f.khi, f.klo, p, kh);
+    rope_head(f.k, f.khi, f.klo, p, kh);
     __syncthreads();
     if ((u64)pos + 1 > s.ctx) {
         if (threadIdx.x == 0) report(c, ERR_KV_POS, pos, 1);
