@@ -27,10 +27,21 @@ pub const DTYPE_SUFFIX: [&str; 10] = [
 
 const NVRTC_OPTIONS: [&str; 2] = ["--std=c++17", "-default-device"];
 
+/// NVRTC's options: the fixed ones, and `-D` for each word of `SAMEPAGE_CUDA_DEFINE`
+/// (a developer switch for A/B runs of compile-time variants, e.g. `SP_NO_EVICT_FIRST`).
+fn nvrtc_options() -> Vec<String> {
+    options_with(&std::env::var("SAMEPAGE_CUDA_DEFINE").unwrap_or_default())
+}
+
+fn options_with(defines: &str) -> Vec<String> {
+    let defines = defines.split_whitespace().map(|d| format!("-D{d}"));
+    NVRTC_OPTIONS.iter().map(|s| s.to_string()).chain(defines).collect()
+}
+
 fn compile(arch: &'static str) -> Result<String, String> {
     let opts = CompileOptions {
         arch: Some(arch),
-        options: NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
+        options: nvrtc_options(),
         ..Default::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
@@ -45,7 +56,7 @@ fn ptx_cache_file(dir: &std::path::Path, arch: &str) -> std::path::PathBuf {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-parameters; NVRTC is loaded (the caller compiles with it otherwise).
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    let key = format!("{SOURCE}\0{}\0{arch}\0{major}.{minor}", NVRTC_OPTIONS.join(" "));
+    let key = format!("{SOURCE}\0{}\0{arch}\0{major}.{minor}", nvrtc_options().join(" "));
     let h = samepage_backend::cache::fnv1a(key.as_bytes());
     dir.join(format!("cuda-{arch}-{h:016x}.ptx"))
 }
@@ -420,6 +431,13 @@ mod tests {
         if let Ok(p) = std::env::var("SAMEPAGE_DUMP_PTX") {
             super::dump_ptx("sm_90", std::path::Path::new(&p)).unwrap();
         }
+    }
+
+    /// `SAMEPAGE_CUDA_DEFINE`'s words become `-D` options after the fixed ones.
+    #[test]
+    fn defines_become_options() {
+        assert_eq!(super::options_with(""), ["--std=c++17", "-default-device"]);
+        assert_eq!(super::options_with(" A  B=2 ")[2..], ["-DA", "-DB=2"]);
     }
 
     /// The PTX disk cache: written on the first compile, read back after, and a damaged
