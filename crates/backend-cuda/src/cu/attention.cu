@@ -469,6 +469,16 @@ __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u
     for (u32 tb = 0; tb < n; tb += RKA_T / 4) {
         const u32 tp = tb + pi;
         const bool own = t0 + tp == pos;
+        // Tiles after the first (chunks over RKA_T / 4 positions: long contexts): the
+        // tile's K row in kp with all its loads in flight at once (the compiler, short of
+        // registers, otherwise issued each load at its use: KJ round trips a tile).
+        if (tb > 0) {
+#pragma unroll
+            for (u32 jj = 0; jj < KJ; jj++) {
+                const u32 j = qq + 4 * jj;
+                kp[jj] = j < nd4 && tp < n && !own ? ld_cache4<F16>(c, a.k_cache, cbase + (u64)(t0 + tp) * hd + 4 * j) : z4;
+            }
+        }
         float d[RKA_G];
 #pragma unroll
         for (u32 g = 0; g < RKA_G; g++) d[g] = 0.0f;
@@ -478,7 +488,6 @@ __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u
             if (j < nd4) {
                 float4 k4 = kp[jj];
                 if (own) k4 = ((const float4*)kvs[0])[j];
-                else if (tb > 0 && tp < n) k4 = ld_cache4<F16>(c, a.k_cache, cbase + (u64)(t0 + tp) * hd + 4 * j);
 #pragma unroll
                 for (u32 g = 0; g < RKA_G; g++) {
                     if (g < G) {
@@ -520,8 +529,21 @@ __device__ void rope_kv_attn_body(const Ctx& c, const RopeKvAttn& f, u32 unit, u
             const u32 tp = pg + i * PG;
             if (tp < n) pv(tp, t0 + tp == pos ? ((const float4*)kvs[1])[d4] : vp[i]);
         }
-        for (u32 tp = pg + RKA_VP * PG; tp < n; tp += PG)
-            pv(tp, t0 + tp == pos ? ((const float4*)kvs[1])[d4] : ld_cache4<F16>(c, a.v_cache, cbase + (u64)(t0 + tp) * hd + 4 * d4));
+        // Longer chunks: VB rows' loads in flight at a time into vp (four; two in the
+        // narrow kernel and the megakernel, which spill with four).
+        constexpr u32 VB = KJ >= 8 && !MG ? RKA_VP : 2;
+        for (u32 tb = pg + RKA_VP * PG; tb < n; tb += VB * PG) {
+#pragma unroll
+            for (u32 i = 0; i < VB; i++) {
+                const u32 tp = tb + i * PG;
+                vp[i] = tp < n && t0 + tp != pos ? ld_cache4<F16>(c, a.v_cache, cbase + (u64)(t0 + tp) * hd + 4 * d4) : z4;
+            }
+#pragma unroll
+            for (u32 i = 0; i < VB; i++) {
+                const u32 tp = tb + i * PG;
+                if (tp < n) pv(tp, t0 + tp == pos ? ((const float4*)kvs[1])[d4] : vp[i]);
+            }
+        }
     }
 #pragma unroll
     for (u32 g = 0; g < RKA_G; g++) red[t][g] = acc[g];
