@@ -246,10 +246,13 @@ impl CudaOpGraph {
     }
 
     fn capture(&mut self, base: u64) -> Result<CudaGraph, OpError> {
-        // A previous run may still read the old phases, and the new ones are written from
-        // the host: both after the stream's work (once per capture).
-        let _ = self.inner.stream.synchronize();
-        self.mega = None;
+        // With the megakernel: a previous run may still read the old phases, and the new
+        // ones are written from the host: both after the stream's work (once per capture;
+        // without it, capture waits for nothing).
+        if self.mega.is_some() || self.inner.mega.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = self.inner.stream.synchronize();
+            self.mega = None;
+        }
         self.mega = self.mega_plan(base)?;
         let inner = &self.inner;
         let stream = &inner.stream;
