@@ -233,26 +233,14 @@ fn replay(qkv: [DType; 3]) {
     let mut g = gpu.record(ops.clone()).unwrap();
     let mut cg = cpu.record(ops).unwrap();
     let copies = copy_calls();
-    let mut worst: f64 = 0.0;
-    for step in 0..100u32 {
-        // The guest's per-token writes: the same token for both, the position.
-        let t = if step == 0 { 1 } else { rc.mem().read_u32(nxt).unwrap() };
-        for r in [&rg, &rc] {
-            r.mem().write_u32(tok, t).unwrap();
-            r.mem().write_u32(pos, step).unwrap();
-        }
-        g.launch(rg.mem()).unwrap();
-        cg.launch(rc.mem()).unwrap();
-        g.wait().unwrap();
-        cg.wait().unwrap();
-        let (a, b) = (
-            read_f32s(&snapshot(&rg), lo, vocab),
-            read_f32s(&snapshot(&rc), lo, vocab),
-        );
-        let e = samepage_backend_cpu::reference::rel_err(&a, &b);
-        worst = worst.max(e);
-        assert!(e < 1e-2, "step {step}: logits differ from the CPU by {e:.2e}");
-    }
+    let io = DecodeIo {
+        tok,
+        pos,
+        nxt,
+        logits: lo,
+        vocab,
+    };
+    let worst = replay_against_cpu((&mut *g, &rg), (&mut *cg, &rc), &io, 100, "replay", |_| {});
     println!(
         "100 replays: worst logits rel err vs cpu {worst:.2e}, copy calls {}",
         copy_calls() - copies

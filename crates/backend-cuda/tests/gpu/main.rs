@@ -11,7 +11,7 @@ mod zero_copy;
 use std::sync::{Arc, OnceLock};
 
 use samepage_abi::{pod_bytes, Pod};
-use samepage_backend::{Backend, BackendError, Mem, Op, Region};
+use samepage_backend::{Backend, BackendError, Graph, Mem, Op, Region};
 use samepage_backend_cpu::CpuBackend;
 use samepage_backend_cuda::CudaBackend;
 
@@ -150,4 +150,54 @@ pub fn run_both(gpu: &CudaBackend, img: &Image, ops: &[Op]) -> (Vec<u8>, Vec<u8>
     let rg = load(gpu, img);
     gpu.run(rg.mem(), ops).expect("cuda run");
     (snapshot(&rc), snapshot(&rg))
+}
+
+/// Where a greedy decode graph keeps its per-token words and its logits (image offsets).
+pub struct DecodeIo {
+    pub tok: u32,
+    pub pos: u32,
+    pub nxt: u32,
+    pub logits: u32,
+    pub vocab: usize,
+}
+
+/// Replays a decode graph recorded on the GPU (`g`, over `rg`) and on the CPU (`cg`, over
+/// `rc`) for `steps` tokens, as the guest would: each step writes the token (1, then the
+/// CPU's greedy pick) and the position into both, runs both, and asserts that the logits
+/// agree to 1e-2 (`what` names the case in the message). `launched(step)` runs right after
+/// the GPU graph's launch call. The worst relative error.
+pub fn replay_against_cpu(
+    (g, rg): (&mut dyn Graph, &Arc<dyn Region>),
+    (cg, rc): (&mut dyn Graph, &Arc<dyn Region>),
+    io: &DecodeIo,
+    steps: u32,
+    what: &str,
+    mut launched: impl FnMut(u32),
+) -> f64 {
+    let mut worst: f64 = 0.0;
+    for step in 0..steps {
+        let t = if step == 0 {
+            1
+        } else {
+            rc.mem().read_u32(io.nxt).unwrap()
+        };
+        for r in [rg, rc] {
+            r.mem().write_u32(io.tok, t).unwrap();
+            r.mem().write_u32(io.pos, step).unwrap();
+        }
+        let res = g.launch(rg.mem());
+        launched(step);
+        res.unwrap();
+        cg.launch(rc.mem()).unwrap();
+        g.wait().unwrap();
+        cg.wait().unwrap();
+        let (a, b) = (
+            read_f32s(&snapshot(rg), io.logits, io.vocab),
+            read_f32s(&snapshot(rc), io.logits, io.vocab),
+        );
+        let e = samepage_backend_cpu::reference::rel_err(&a, &b);
+        worst = worst.max(e);
+        assert!(e < 1e-2, "{what}, step {step}: logits differ from the CPU by {e:.2e}");
+    }
+    worst
 }

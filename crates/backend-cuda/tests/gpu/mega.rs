@@ -203,33 +203,20 @@ fn decode(cache: DType, layers: usize, steps: u32) {
     gpu.set_megakernel(true);
     let mut g = gpu.record(ops.clone()).unwrap();
     let mut cg = cpu.record(ops).unwrap();
-    let mut worst: f64 = 0.0;
-    for step in 0..steps {
-        let t = if step == 0 { 1 } else { rc.mem().read_u32(nxt).unwrap() };
-        for r in [&rg, &rc] {
-            r.mem().write_u32(tok, t).unwrap();
-            r.mem().write_u32(pos, step).unwrap();
-        }
-        let launched = g.launch(rg.mem());
+    let io = DecodeIo {
+        tok,
+        pos,
+        nxt,
+        logits: lo,
+        vocab,
+    };
+    let what = format!("{cache:?} cache");
+    let worst = replay_against_cpu((&mut *g, &rg), (&mut *cg, &rc), &io, steps, &what, |step| {
         if step == 0 {
             // Captured at the first launch: later graphs go back to the default.
             gpu.set_megakernel(false);
         }
-        launched.unwrap();
-        cg.launch(rc.mem()).unwrap();
-        g.wait().unwrap();
-        cg.wait().unwrap();
-        let (a, b) = (
-            read_f32s(&snapshot(&rg), lo, vocab),
-            read_f32s(&snapshot(&rc), lo, vocab),
-        );
-        let e = samepage_backend_cpu::reference::rel_err(&a, &b);
-        worst = worst.max(e);
-        assert!(
-            e < 1e-2,
-            "{cache:?} cache, step {step}: logits differ from the CPU by {e:.2e}"
-        );
-    }
+    });
     if gpu.has_megakernel() {
         // Captured with the megakernel (other tests running alongside may add more).
         assert!(
